@@ -1,1 +1,1 @@
-"""TODO."""
+"""Evaluations: message-edit replay, debug-gym mini_nightmare, output consistency."""

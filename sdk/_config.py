@@ -1,0 +1,25 @@
+"""The one place that reads ``LEYLINE_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    """Settings taken from the environment (each has a documented default)."""
+
+    cache_dir: Path
+    base_url: str
+    api_key: str
+
+    @classmethod
+    def read(cls) -> Environment:
+        cache = os.environ.get("LEYLINE_CACHE_DIR")
+        return cls(
+            cache_dir=Path(cache) if cache else Path.home() / ".cache" / "leyline",
+            base_url=os.environ.get("LEYLINE_BASE_URL", "http://127.0.0.1:8000/v1"),
+            api_key=os.environ.get("LEYLINE_API_KEY", "leyline"),
+        )
