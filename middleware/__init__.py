@@ -1,1 +1,1 @@
-"""TODO."""
+"""History policies and adapters (OpenAI client, LangGraph, debug-gym)."""

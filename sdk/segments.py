@@ -84,8 +84,11 @@ def split_content(text: str, params: SegmentParams = DEFAULT_PARAMS) -> list[str
             continue
         line = text[pos:line_end]
         pos = last_end = line_end
-        fires = xxhash.xxh64_intdigest(line.encode()) % params.expected_chars < len(line)
-        if line_end - start >= params.min_chars and line_end < n and fires:
+        if (
+            line_end - start >= params.min_chars
+            and line_end < n
+            and xxhash.xxh64_intdigest(line.encode()) % params.expected_chars < len(line)
+        ):
             pieces.append(text[start:line_end])
             start = line_end
     if start < n:
