@@ -1,0 +1,148 @@
+"""A plain OpenAI tool-calling loop, wrapped in one line by Leyline.
+
+Run against ``leyline serve`` (or any OpenAI-compatible server)::
+
+    python examples/openai_tool_loop.py --base-url http://127.0.0.1:8000/v1 --model smollm2
+
+The agent explores a small throw-away project with two local tools (``list_files``,
+``read_file``). ``leyline.wrap`` applies a history policy (default: truncate tool outputs older
+than the last two turns to 200 characters) and sends the edits as directives; every request
+prints what the server reused. Follow-up questions keep the conversation going even when a small
+model stops calling tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import openai
+
+import leyline
+from leyline.middleware import KeepAll, LastNObservations, Policy, TruncateOlderThan
+
+POLICIES: dict[str, Policy] = {
+    "keep_all": KeepAll(),
+    "truncate": TruncateOlderThan(n=2, max_chars=200),
+    "last_n": LastNObservations(n=2),
+}
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "list_files",
+            "description": "List the files of the project.",
+            "parameters": {"type": "object", "properties": {}},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "read_file",
+            "description": "Read one file of the project.",
+            "parameters": {
+                "type": "object",
+                "properties": {"path": {"type": "string", "description": "file name"}},
+                "required": ["path"],
+            },
+        },
+    },
+]
+
+QUESTIONS = [
+    "Which file defines the parser? Use the tools.",
+    "What does the tokenizer do with blank lines?",
+    "Summarize the project in two sentences.",
+]
+
+
+def make_project(root: Path) -> None:
+    """A few files with long enough contents that old reads are worth truncating."""
+    (root / "parser.py").write_text(
+        "".join(f"def parse_{i}(line):\n    return line.split(',')[{i}]\n\n" for i in range(40))
+    )
+    (root / "tokenizer.py").write_text(
+        "".join(f"# rule {i}: blank lines are skipped, tokens are lower-cased\n" for i in range(60))
+    )
+    (root / "README.md").write_text("A tiny CSV toolkit: a parser and a tokenizer.\n" * 20)
+
+
+def run_tool(root: Path, name: str, arguments: str) -> str:
+    """Execute one tool call locally; errors go back to the model as text."""
+    try:
+        args = json.loads(arguments or "{}")
+        if name == "list_files":
+            return "\n".join(sorted(p.name for p in root.iterdir()))
+        if name == "read_file":
+            return (root / Path(str(args["path"])).name).read_text()
+        return f"Error: unknown tool {name}"
+    except (OSError, KeyError, ValueError) as exc:
+        return f"Error: {exc}"
+
+
+def report(step: int, wrapped: Any) -> None:
+    acc = wrapped.last_accounting
+    ley = wrapped.session
+    if acc is None:
+        print(f"  request {step}: session v{ley.version}, server returned no leyline accounting")
+        return
+    modes = [d.get("status") for d in acc.directives]
+    print(
+        f"  request {step}: v{ley.version} prompt={acc.prompt_tokens} exact={acc.exact} "
+        f"spliced={acc.spliced} chunk_reused={acc.chunk_reused} recomputed={acc.recomputed} "
+        f"directives={modes}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--api-key", default="leyline")
+    ap.add_argument("--policy", choices=sorted(POLICIES), default="truncate")
+    ap.add_argument("--max-tool-rounds", type=int, default=4, help="tool calls per question")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    args = ap.parse_args(argv)
+
+    client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key)
+    wrapped = leyline.wrap(client, policy=POLICIES[args.policy])  # the one line
+    step = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_project(root)
+        history: list[dict[str, Any]] = [
+            {"role": "system", "content": "You answer questions about a project using tools."}
+        ]
+        for question in QUESTIONS:
+            print(f"user: {question}")
+            history.append({"role": "user", "content": question})
+            for _ in range(args.max_tool_rounds + 1):
+                step += 1
+                resp = wrapped.chat.completions.create(
+                    model=args.model, messages=history, tools=TOOLS, max_tokens=args.max_tokens
+                )
+                report(step, wrapped)
+                msg = resp.choices[0].message
+                history.append(msg.model_dump(exclude_none=True))
+                if not msg.tool_calls:
+                    print(f"assistant: {(msg.content or '').strip()[:200]}")
+                    break
+                for call in msg.tool_calls:
+                    print(f"  tool {call.function.name}({call.function.arguments})")
+                    output = run_tool(root, call.function.name, call.function.arguments)
+                    history.append({"role": "tool", "tool_call_id": call.id, "content": output})
+    t = wrapped.totals
+    print(
+        f"total over {t.requests} accounted requests: exact={t.exact} spliced={t.spliced} "
+        f"chunk_reused={t.chunk_reused} recomputed={t.recomputed} "
+        f"reused={t.reused_fraction:.1%}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
