@@ -1,0 +1,116 @@
+"""HTTP request/response schemas (pydantic, at the boundary only) and OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape; raising it changes nothing in the engine."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, code=self.code, param=self.param, type=self.type)
+
+
+def error_body(
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    type: str = "invalid_request_error",
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class LeylinePayload(BaseModel):
+    """The request's ``leyline`` object (docs/protocol.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session: str
+    version: int = Field(ge=1)
+    base_version: int | None = Field(default=None, ge=1)
+    segments: list[tuple[str, int]] = Field(default_factory=list)
+    directives: list[dict[str, Any]] = Field(default_factory=list)
+    content_reuse: bool = True
+    approximate: bool = True
+
+    @field_validator("session")
+    @classmethod
+    def _session_id(cls, v: str) -> str:
+        if not SESSION_ID.match(v):
+            raise ValueError("session must be 1-128 characters of [A-Za-z0-9._:-]")
+        return v
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return stops
+
+    def token_limit(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    leyline: LeylinePayload | None = None
+
+    def message_dicts(self) -> list[dict[str, Any]]:
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[int]
+    echo: bool = False
