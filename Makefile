@@ -22,7 +22,9 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --config-file pyproject.toml -p leyline --exclude 'leyline/(middleware|server|evals)/'
+	# mypy resolves `leyline` through a link to sdk/ (the folders map onto one namespace)
+	mkdir -p build/typecheck && ln -sfn ../../sdk build/typecheck/leyline
+	MYPYPATH=build/typecheck $(BIN)/mypy --config-file pyproject.toml -p leyline
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
