@@ -1,19 +1,17 @@
 """``leyline demo``: start the embedded engine and show what an edited history costs.
 
-An agent-like conversation (system prompt, a task, a long tool output, follow-ups) is sent turn
-by turn through the real ``openai`` client with a Leyline session. Then the agent truncates the
-old tool output (the published ``truncate_older_than`` rule) and sends the edited history three
-ways: AMORTIZE (splice), FORGET (re-prefill from the edit), and a plain client without Leyline
-(exact-prefix caching only, like SGLang/vLLM today). The table shows where each prompt's tokens
-came from and the time to first token.
+An agent-like conversation (a task, two long tool outputs, follow-ups) is sent turn by turn
+through the real ``openai`` client with a Leyline session. Then the agent truncates the older
+tool output (the published ``truncate_older_than`` rule) and sends the edited history three
+ways: AMORTIZE (splice the cached suffix), FORGET (re-prefill from the edit, exact), and a plain
+client without Leyline (exact-prefix caching only, what SGLang/vLLM do today). The table shows
+where each prompt's tokens came from and the time to first token, measured by the client.
 """
 
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,139 +19,132 @@ from typing import Any
 from leyline import Accounting, Session
 from leyline.server.engine.config import EngineConfig
 
-_TOOL_OUTPUT = (
-    "".join(
-        f"tests/test_module_{i:02d}.py::test_case_{j} PASSED\n" for i in range(12) for j in range(4)
-    )
-    + "tests/test_parser.py::test_unicode FAILED - AssertionError: 'é' != 'e'\n"
-)
+HEADER = ["request", "prompt", "exact", "spliced", "chunk", "recomputed", "TTFT ms", "reply"]
 
 
-def _history() -> list[dict[str, Any]]:
+def _test_log(module: str, failing: int) -> str:
+    lines = [f"tests/{module}.py::test_case_{i:02d} PASSED\n" for i in range(40)]
+    lines[failing] = f"tests/{module}.py::test_case_{failing:02d} FAILED - AssertionError\n"
+    return "".join(lines)
+
+
+def _history(agent: str) -> list[dict[str, Any]]:
+    system = f"You are {agent}, a careful software engineer. Answer briefly."
     return [
-        {"role": "system", "content": "You are a careful software engineer. Answer briefly."},
+        {"role": "system", "content": system},
         {"role": "user", "content": "Run the test suite and tell me what fails."},
-        {"role": "assistant", "content": "Running pytest."},
-        {"role": "user", "content": f"Tool output:\n{_TOOL_OUTPUT}"},
-        {"role": "assistant", "content": "One test fails: test_unicode in tests/test_parser.py."},
-        {"role": "user", "content": "Which file should I open to fix it?"},
+        {"role": "assistant", "content": "Running the parser tests first."},
+        {"role": "user", "content": "Tool output:\n" + _test_log("test_parser", 17)},
+        {"role": "assistant", "content": "Now the lexer tests."},
+        {"role": "user", "content": "Tool output:\n" + _test_log("test_lexer", 3)},
+        {"role": "assistant", "content": "Two tests fail: parser case 17 and lexer case 3."},
+        {"role": "user", "content": "Which file should I open first?"},
     ]
 
 
 def _truncated(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The published rule: old tool output is cut to 200 characters with a marker."""
     edited = [dict(m) for m in messages]
     edited[3]["content"] = edited[3]["content"][:200] + "\n[... output truncated ...]"
     return edited
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _row(label: str, body: dict[str, Any], ttft_ms: float, text: str) -> list[str]:
+    usage = body.get("usage") or {}
+    prompt = int(usage.get("prompt_tokens", 0))
+    cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    acc = Accounting.from_response(body)
+    if acc is None:  # a plain client: only the exact-prefix hit is reported
+        acc = Accounting(exact=cached, recomputed=prompt - cached, prompt_tokens=prompt)
+    counts = [acc.exact, acc.spliced, acc.chunk_reused, acc.recomputed]
+    return [label, str(prompt), *map(str, counts), f"{ttft_ms:.0f}", text]
 
 
-def _row(label: str, acc: Accounting | None, ttft_ms: float, text: str) -> list[str]:
-    if acc is None:
-        return [label, "-", "-", "-", "-", "-", f"{ttft_ms:8.0f}", text]
-    return [
-        label,
-        str(acc.exact + acc.spliced + acc.chunk_reused + acc.recomputed),
-        str(acc.exact),
-        str(acc.spliced),
-        str(acc.chunk_reused),
-        str(acc.recomputed),
-        f"{ttft_ms:8.0f}",
-        text,
-    ]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="leyline demo", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=EngineConfig().model)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-tokens", type=int, default=24)
-    args = p.parse_args(argv)
-
-    import openai
-    import uvicorn
-
-    from leyline.server.engine.server import build_server
-
-    port = _free_port()
-    cfg = EngineConfig(model=args.model, device=args.device, port=port, kv_tokens=8192)
-    print(f"loading {cfg.model} (first run converts the checkpoint; ~30 s) ...", flush=True)
-    engine, app = build_server(cfg)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    client = openai.OpenAI(base_url=base_url, api_key="demo")
-    print(f"engine up at {base_url} ({engine.rope_note or 'splicing on'})\n", flush=True)
-
-    rows: list[list[str]] = []
+class _Demo:
+    def __init__(self, client: Any, model: str, max_tokens: int) -> None:
+        self.client = client
+        self.model = model
+        self.max_tokens = max_tokens
+        self.rows: list[list[str]] = []
 
     def send(
+        self,
         label: str,
         session: Session | None,
         messages: list[dict[str, Any]],
         forget: Sequence[int] = (),
     ) -> str:
-        extra = None
-        prepared = None
-        if session is not None:
-            prepared = session.prepare(messages, forget=forget)
-            extra = prepared.extra_body()
+        prepared = session.prepare(messages, forget=forget) if session is not None else None
         t0 = time.perf_counter()
-        r = client.chat.completions.create(
-            model=cfg.model,
+        ttft: float | None = None
+        text = ""
+        last: dict[str, Any] = {}
+        stream = self.client.chat.completions.create(
+            model=self.model,
             messages=messages,
-            max_tokens=args.max_tokens,
-            temperature=0,  # type: ignore[arg-type]
-            extra_body=extra,
+            max_tokens=self.max_tokens,
+            temperature=0,
+            stream=True,
+            extra_body=prepared.extra_body() if prepared is not None else None,
         )
-        elapsed = (time.perf_counter() - t0) * 1000
-        body = r.model_dump()
+        for chunk in stream:
+            piece = (chunk.choices[0].delta.content or "") if chunk.choices else ""
+            if ttft is None and piece:  # the first generated text, not the role header
+                ttft = (time.perf_counter() - t0) * 1000
+            text += piece
+            last = chunk.model_dump()
         if session is not None and prepared is not None:
             session.commit(prepared)
-        acc = Accounting.from_response(body)
-        ttft = float((body.get("leyline") or {}).get("ttft_ms", elapsed))
-        text = (r.choices[0].message.content or "").strip().replace("\n", " ")[:40]
-        rows.append(_row(label, acc, ttft, text))
-        print(f"  {label}: done", flush=True)
-        return r.choices[0].message.content or ""
+        self.rows.append(_row(label, last, ttft or 0.0, text.strip().replace("\n", " ")[:36]))
+        print(f"  {label}: {ttft or 0.0:.0f} ms to first token", flush=True)
+        return text
 
-    try:
-        history = _history()
-        arms = {"amortize": Session("demo-amortize"), "forget": Session("demo-forget")}
-        for name, session in arms.items():
-            turns = history[:2]
-            reply = send(f"{name}: turn 1", session, turns)
-            turns = history[:4]
-            turns[2] = {"role": "assistant", "content": reply}
-            send(f"{name}: turn 2 (tool output)", session, turns)
-            full = history[:]
-            full[2] = turns[2]
-            send(f"{name}: turn 3", session, full)
-            edited = _truncated(full)
-            if name == "amortize":
-                send("AMORTIZE: truncate old output", session, edited)
+    def run(self) -> None:
+        for name in ("AMORTIZE", "FORGET"):
+            session = Session(f"demo-{name.lower()}")
+            # each arm is its own agent (own system prompt), so no arm reuses another's cache
+            turns = _history("Ada" if name == "AMORTIZE" else "Grace")
+            for upto in (2, 4, 6, 8):  # the agent's turns, each one an append
+                reply = self.send(f"{name.lower()}: turn {upto // 2}", session, turns[:upto])
+                if upto < 8:
+                    turns[upto] = {"role": "assistant", "content": reply}
+            edited = _truncated(turns)
+            if name == "AMORTIZE":
+                self.send("AMORTIZE: truncate old output", session, edited)
+                # the same edit from a client without Leyline: exact-prefix reuse only
+                self.send("no Leyline: same truncation", None, edited)
             else:
-                send("FORGET: truncate old output", session, edited, forget=[3])
-        send("no Leyline: truncated history", None, _truncated(full))
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        engine.stop()
+                self.send("FORGET: truncate old output", session, edited, forget=[3])
 
-    header = ["request", "prompt", "exact", "spliced", "chunk", "recomputed", "ttft_ms", "reply"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print()
-    for r in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    def table(self) -> str:
+        rows = [HEADER, *self.rows]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+        return "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="leyline demo", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=EngineConfig().model)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--max-tokens", type=int, default=24)
+    args = p.parse_args(argv)
+
+    import openai
+
+    from leyline.server.engine.server import free_port, serve_in_thread
+
+    cfg = EngineConfig(model=args.model, device=args.device, port=free_port(), kv_tokens=8192)
+    print(f"loading {cfg.model} (a first run converts the checkpoint: ~1 min) ...", flush=True)
+    with serve_in_thread(cfg) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="demo", max_retries=0)
+        print(f"engine up at {srv.base_url} ({srv.engine.rope_note or 'splicing on'})\n")
+        demo = _Demo(client, cfg.model, args.max_tokens)
+        demo.run()
+    print("\n" + demo.table())
     print(
-        "\nAMORTIZE keeps the cached suffix after the edit (rotating only its RoPE part);"
+        "\nAMORTIZE keeps the cached suffix after the edit and only rotates its RoPE part;"
         "\nFORGET re-prefills from the edit (exact); a plain client re-prefills as well."
     )
     return 0

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from fastapi import FastAPI
@@ -59,3 +65,43 @@ def build_server(cfg: EngineConfig) -> tuple[Engine, FastAPI]:
     engine.start()
     app = create_app(engine, model_name=cfg.model, max_request_bytes=cfg.max_request_bytes)
     return engine, app
+
+
+@dataclass
+class InProcessServer:
+    """A running engine behind HTTP in this process (see :func:`serve_in_thread`)."""
+
+    base_url: str
+    engine: Engine
+    model: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve_in_thread(cfg: EngineConfig) -> Iterator[InProcessServer]:
+    """Start the engine and uvicorn on a background thread; stop both on exit.
+
+    Used by ``leyline demo``, the evals and the tests: the real server, minus a subprocess.
+    """
+    import uvicorn
+
+    engine, app = build_server(cfg)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="leyline-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server did not start on {cfg.host}:{cfg.port}")
+            time.sleep(0.02)
+        yield InProcessServer(f"http://{cfg.host}:{cfg.port}/v1", engine, cfg.model)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.stop()
