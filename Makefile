@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint pytest clean
+.PHONY: demo test lint pytest sglang-tests clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ lint: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test: lint pytest
+# SGLang pins torch 2.11 + CUDA kernels, so its tests run in their own CPU venv (docs/sglang.md)
+sglang-tests:
+	scripts/setup_sglang_venv.sh
+	.venv-sglang/bin/python -m pytest -q -p no:cacheprovider tests/server/sglang
+
+test: lint pytest sglang-tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-sglang build *.egg-info

@@ -1,0 +1,125 @@
+"""SGLang plugin entry point: registers the ``leyline`` radix-cache backend and HTTP routes.
+
+Entry point (pyproject): ``[project.entry-points."sglang.srt.plugins"] leyline =
+"leyline.server.sglang.plugin:register"``. SGLang calls `register` with no arguments in the
+main process and in every scheduler process, and swallows its exceptions, so failures are
+logged here as errors that name the cause before being re-raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import torch
+
+from leyline.server.core.rope import UnsupportedRope
+from leyline.server.sglang.cache import LeylineCacheConfig, LeylineRadixCache, PoolBinding
+from leyline.server.sglang.rotary import rope_specs_from_model
+
+__all__ = [
+    "BACKEND_NAME",
+    "UnsupportedConfig",
+    "check_supported",
+    "leyline_cache_factory",
+    "register",
+]
+
+logger = logging.getLogger("leyline.sglang")
+
+BACKEND_NAME = "leyline"
+_SPLICE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class UnsupportedConfig(ValueError):
+    """The server configuration cannot be served exactly by the Leyline cache."""
+
+
+def check_supported(ctx: Any) -> None:
+    """Raise `UnsupportedConfig` listing every reason ``ctx`` (a TreeCacheBuildContext) is refused."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
+
+    why: list[str] = []
+    if ctx.is_hybrid_swa:
+        why.append("hybrid sliding-window models (SWA pools) are not supported")
+    if ctx.is_hybrid_ssm:
+        why.append("hybrid SSM/Mamba models are not supported")
+    if ctx.enable_hierarchical_cache:
+        why.append("--enable-hierarchical-cache (HiCache) is not supported")
+    if getattr(ctx, "is_dsa", False):
+        why.append("DSA/NSA sparse-attention models are not supported")
+    if ctx.params.page_size != 1:
+        why.append(f"--page-size {ctx.params.page_size}: only page size 1 is supported")
+    if ctx.params.is_eagle:
+        why.append("EAGLE speculative decoding (bigram radix keys) is not supported")
+    args = ctx.server_args
+    for flag in ("enable_lmcache", "enable_flexkv"):
+        if getattr(args, flag, False):
+            why.append(f"--{flag.replace('_', '-')} replaces the radix cache")
+    alloc = ctx.params.token_to_kv_pool_allocator
+    pool = alloc.get_kvcache() if alloc is not None else None
+    if pool is None:
+        why.append("no KV pool is attached to the allocator")
+    elif type(pool) not in (MHATokenToKVPool, MLATokenToKVPool):
+        why.append(f"KV pool {type(pool).__name__}: only MHATokenToKVPool/MLATokenToKVPool")
+    else:
+        if pool.dtype not in _SPLICE_DTYPES:
+            why.append(f"KV cache dtype {pool.dtype}: fp8/quantized KV is not supported")
+        layout = getattr(pool, "kv_cache_layout", None)
+        if layout not in (None, "NHD", "nhd"):
+            why.append(f"KV layout {layout!r}: only NHD is supported")
+        if getattr(pool, "use_dsa", False):
+            why.append("DSA MLA pools are not supported")
+    if why:
+        raise UnsupportedConfig(
+            "--radix-cache-backend leyline refused: "
+            + "; ".join(why)
+            + ". Drop the flag to use SGLang's default cache."
+        )
+
+
+def leyline_cache_factory(ctx: Any) -> Any:
+    """The ``leyline`` backend factory (`TreeCacheBuildContext` -> `LeylineRadixCache`)."""
+    if ctx.disable_radix_cache:
+        from sglang.srt.mem_cache.registry import default_radix_cache_factory
+
+        logger.warning("leyline: --disable-radix-cache is set; using SGLang's default cache")
+        return default_radix_cache_factory(ctx)
+    check_supported(ctx)
+    model = ctx.tp_worker.model_runner.model
+    try:
+        specs = rope_specs_from_model(model)
+    except UnsupportedRope as exc:
+        raise UnsupportedConfig(f"--radix-cache-backend leyline refused: {exc}") from exc
+    if any(s != specs[0] for s in specs[1:]):
+        raise UnsupportedConfig(
+            "--radix-cache-backend leyline refused: layers use different RoPE specs"
+        )
+    pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
+    binding = PoolBinding.from_pool(pool, specs[0])
+    logger.info("leyline: radix cache on %s, %s", type(pool).__name__, binding.layout)
+    return LeylineRadixCache(ctx.params, binding, LeylineCacheConfig())
+
+
+def register() -> None:
+    """Entry point run by SGLang's ``load_plugins``; idempotent; loud on failure."""
+    try:
+        from sglang.srt.mem_cache.registry import (
+            get_radix_cache_factory,
+            register_radix_cache_backend,
+        )
+
+        if get_radix_cache_factory(BACKEND_NAME) is None:
+            register_radix_cache_backend(BACKEND_NAME, leyline_cache_factory)
+        if get_radix_cache_factory(BACKEND_NAME) is not leyline_cache_factory:
+            raise RuntimeError(f"another factory is registered under {BACKEND_NAME!r}")
+        # Routes only in the process that serves HTTP (the main process imported the app).
+        http = sys.modules.get("sglang.srt.entrypoints.http_server")
+        if http is not None:
+            from leyline.server.sglang.routes import install_routes
+
+            install_routes(http.app)
+    except Exception as exc:
+        logger.error("leyline: SGLang plugin registration FAILED (%s: %s)", type(exc).__name__, exc)
+        raise

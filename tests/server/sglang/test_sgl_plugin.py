@@ -1,0 +1,160 @@
+"""Plugin registration through SGLang's real entry-point loader, the backend factory with
+SGLang's registry and TreeCacheBuildContext, startup refusals, and the HTTP routes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from types import SimpleNamespace
+
+import pytest
+from _sglang_support import (
+    install_vllm_ops_stub,
+    mha_stack,
+    mla_stack,
+    require_sglang,
+    set_server_args,
+)
+
+require_sglang()
+
+import torch  # noqa: E402
+from sglang.srt.layers.rotary_embedding import get_rope  # noqa: E402
+from sglang.srt.mem_cache import registry  # noqa: E402
+
+from leyline.server.sglang import plugin  # noqa: E402
+from leyline.server.sglang.cache import LeylineRadixCache  # noqa: E402
+
+ENTRY = "leyline = leyline.server.sglang.plugin:register\n"
+
+
+@pytest.fixture(autouse=True)
+def _clean_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    install_vllm_ops_stub()
+    monkeypatch.setattr(registry, "_RADIX_CACHE_REGISTRY", {})
+
+
+def _entry_point_dist(tmp_path, monkeypatch, target: str = ENTRY) -> None:
+    """A dist-info declaring the entry point, as `pip install leyline` would once the lead adds
+    it to pyproject.toml (here on sys.path so SGLang's real loader discovers it)."""
+    d = tmp_path / "leyline_sglang_plugin_test-0.0.0.dist-info"
+    d.mkdir()
+    (d / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: leyline-sglang-plugin-test\nVersion: 0.0.0\n"
+    )
+    (d / "entry_points.txt").write_text("[sglang.srt.plugins]\n" + target)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    importlib.invalidate_caches()
+
+
+def test_entry_point_registers_backend_through_load_plugins(tmp_path, monkeypatch) -> None:
+    import sglang.srt.plugins as plugins
+
+    _entry_point_dist(tmp_path, monkeypatch)
+    monkeypatch.setattr(plugins, "_plugins_loaded", False)
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    plugins.load_plugins()
+    assert registry.get_radix_cache_factory("leyline") is plugin.leyline_cache_factory
+    plugin.register()  # idempotent: SGLang runs it in every process
+    assert registry.registered_radix_cache_backends() == ["leyline"]
+
+
+def test_broken_registration_is_loud(monkeypatch, caplog) -> None:
+    registry.register_radix_cache_backend("leyline", lambda ctx: None)
+    with caplog.at_level(logging.ERROR, logger="leyline.sglang"), pytest.raises(RuntimeError):
+        plugin.register()
+    assert "registration FAILED" in caplog.text and "another factory" in caplog.text
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, rope) -> None:
+        super().__init__()
+        self.rotary_emb = rope
+
+
+class _Model(torch.nn.Module):
+    """Holds real SGLang rotary modules where SGLang models keep them (layers[i].self_attn)."""
+
+    def __init__(self, ropes) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Module() for _ in ropes])
+        for layer, rope in zip(self.layers, ropes, strict=True):
+            layer.self_attn = _Attn(rope)
+
+
+def _ctx(stack, model, **over):
+    from sglang.srt.mem_cache.registry import TreeCacheBuildContext
+
+    args = set_server_args()
+    args.radix_cache_backend = "leyline"
+    fields = dict(
+        server_args=args, params=stack.params, is_hybrid_swa=False, is_hybrid_ssm=False,
+        enable_hierarchical_cache=False, disable_radix_cache=False,
+        effective_chunked_prefill_size=None,
+        # stand-in for SGLang's GPU TpModelWorker: only model_runner.model is read
+        tp_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)),
+        model_config=None, tp_size=1, tp_rank=0, tp_group=None,
+    )  # fmt: skip
+    fields.update(over)
+    return TreeCacheBuildContext(**fields)
+
+
+def test_create_tree_cache_builds_leyline_for_mha_and_mla() -> None:
+    set_server_args()
+    plugin.register()
+    mha = mha_stack(size=32, layers=2, heads=2, head_dim=16, v_dim=16)
+    ropes = [get_rope(16, 16, 2048, 10000, True, None, torch.float32) for _ in range(2)]
+    cache = registry.create_tree_cache(_ctx(mha, _Model(ropes)))
+    assert type(cache) is LeylineRadixCache
+    assert cache.binding.layout.kind == "mha" and cache.binding.rope.rotary_dim == 16
+    mla = mla_stack(size=32, layers=2, rank=24, rope=8)
+    ropes = [get_rope(8, 8, 2048, 10000, False, None, torch.float32) for _ in range(2)]
+    cache = registry.create_tree_cache(_ctx(mla, _Model(ropes)))
+    assert cache.binding.layout.kind == "mla" and cache.binding.layout.rope_offset == 24
+    assert cache.binding.rope.interleaved
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"is_hybrid_swa": True}, "sliding-window"),
+        ({"is_hybrid_ssm": True}, "SSM"),
+        ({"enable_hierarchical_cache": True}, "HiCache"),
+        ({"is_dsa": True}, "DSA"),
+        ({"page": 4}, "page size"),
+        ({"eagle": True}, "EAGLE"),
+        ({"fp8": True}, "fp8"),
+        ({"rope": "dynamic"}, "DynamicNTK"),
+    ],
+)
+def test_unsupported_configs_are_refused_at_startup(over, needle) -> None:
+    set_server_args()
+    plugin.register()
+    dtype = torch.float8_e4m3fn if over.pop("fp8", False) else torch.bfloat16
+    stack = mha_stack(size=32, layers=2, heads=2, head_dim=16, v_dim=16, dtype=dtype)
+    stack.params = dataclasses.replace(
+        stack.params, page_size=over.pop("page", 1), is_eagle=over.pop("eagle", False)
+    )
+    scaling = {"rope_type": "dynamic", "factor": 2.0} if over.pop("rope", None) else None
+    ropes = [get_rope(16, 16, 2048, 10000, True, scaling, torch.float32) for _ in range(2)]
+    with pytest.raises(plugin.UnsupportedConfig, match=needle):
+        registry.create_tree_cache(_ctx(stack, _Model(ropes), **over))
+
+
+def test_routes_on_sglangs_app() -> None:
+    from fastapi.testclient import TestClient
+    from sglang.srt.entrypoints import http_server
+
+    from leyline.server.sglang.routes import install_routes
+
+    plugin.register()  # http_server is imported: routes are installed on its app
+    assert "sglang.srt.entrypoints.http_server" in sys.modules
+    assert install_routes(http_server.app) is False  # already there, not twice
+    client = TestClient(http_server.app)
+    assert client.get("/v1/leyline/health").json() == {"backend": "leyline", "registered": True}
+    sid = client.post("/v1/leyline/sessions").json()["session"]
+    assert len(sid) == 32
+    assert client.delete(f"/v1/leyline/sessions/{sid}").json()["closed"] is True
