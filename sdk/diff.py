@@ -18,12 +18,17 @@ __all__ = ["diff_segments"]
 
 
 def diff_segments(
-    base: Sequence[Segment], new: Sequence[Segment], *, forget: Collection[int] = ()
+    base: Sequence[Segment],
+    new: Sequence[Segment],
+    *,
+    forget: Collection[int] = (),
+    default_mode: Mode = Mode.AMORTIZE,
 ) -> list[Directive]:
     """Directives that turn ``base`` into ``new``.
 
     ``forget`` holds message indices of ``new``: an edit that produces a segment of one of them
-    is sent with :attr:`Mode.FORGET`, every other edit with :attr:`Mode.AMORTIZE`.
+    is sent with :attr:`Mode.FORGET`, every other edit (pure deletions included) with
+    ``default_mode``.
 
     >>> from leyline.segments import render_segments
     >>> a = render_segments([{"role": "user", "content": c} for c in "abc"])
@@ -38,6 +43,6 @@ def diff_segments(
         if op == "equal" or (op == "insert" and i1 == len(base)):
             continue
         touched = {new[j].message for j in range(j1, j2)}
-        mode = Mode.FORGET if touched & forget_set else Mode.AMORTIZE
+        mode = Mode.FORGET if touched & forget_set else default_mode
         out.append(Directive(i1, i2, (j1, j2), mode))
     return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from leyline.diff import diff_segments
-from leyline.directives import Directive, validate_directives
+from leyline.directives import Directive, Mode, validate_directives
 from leyline.errors import StaleVersionError
 from leyline.segments import DEFAULT_PARAMS, Segment, SegmentParams, render_segments
 
@@ -85,10 +85,12 @@ class Session:
         *,
         forget: Collection[int] = (),
         tools: Sequence[Mapping[str, Any]] | None = None,
+        default_mode: Mode = Mode.AMORTIZE,
     ) -> Prepared:
         """Render ``messages`` and diff them against the last committed version.
 
         ``forget`` lists indices of ``messages`` whose edits must be re-prefilled (FORGET);
+        every other edit, deletions included, gets ``default_mode``;
         ``tools`` are the request's tool definitions (they render in front of message 0).
         """
         if len(self._split_cache) > _CACHE_LIMIT:
@@ -98,7 +100,7 @@ class Session:
         )
         directives: tuple[Directive, ...] = ()
         if self._base is not None and self.approximate:
-            found = diff_segments(self._base, segments, forget=forget)
+            found = diff_segments(self._base, segments, forget=forget, default_mode=default_mode)
             directives = validate_directives(found, base_len=len(self._base), new_len=len(segments))
         return Prepared(
             session_id=self.id,

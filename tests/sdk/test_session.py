@@ -77,3 +77,11 @@ def test_diff_move_is_delete_plus_insert() -> None:
     moved = [msgs[0], msgs[3], msgs[4], msgs[1], msgs[2], msgs[5], msgs[6]]
     ds = diff_segments(render_segments(msgs), render_segments(moved))
     assert ds and all(d.mode is Mode.AMORTIZE for d in ds)
+
+
+def test_default_mode_covers_pure_deletions() -> None:
+    s = Session()
+    history = _history(3)
+    s.commit(s.prepare(history))
+    (d,) = s.prepare(history[:1] + history[3:], default_mode=Mode.FORGET).directives
+    assert d.mode is Mode.FORGET and d.replacement[0] == d.replacement[1]
