@@ -149,6 +149,7 @@ def main() -> int:
                         ),
                         "tokens": tokens,
                         "engine_ttft_ms": engine_ttft[-1],
+                        "timings_ms": (last.get("leyline") or {}).get("timings_ms"),
                         "client_ttft_ms": client_ms,
                     }
                 )

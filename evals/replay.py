@@ -441,16 +441,26 @@ def _server_stats(base_url: str, cfg: ReplayConfig) -> Any:
 
 
 @contextmanager
-def _target(cfg: ReplayConfig, concurrency: int) -> Iterator[tuple[str, str]]:
-    """(base_url, model) of a fresh local engine, or of the given endpoint."""
+def _engine(cfg: ReplayConfig) -> Iterator[Any]:
+    """One local engine for the whole run (sized for the largest concurrency), or None."""
     if cfg.endpoint is not None:
-        yield cfg.endpoint.rstrip("/"), cfg.model
+        yield None
         return
     from leyline.evals._server import local_server
 
-    kv = cfg.kv_tokens or default_kv_tokens(cfg.workload, concurrency)
+    kv = cfg.kv_tokens or max(default_kv_tokens(cfg.workload, c) for c in cfg.concurrency)
     with local_server(model=cfg.model, device=cfg.device, dtype=cfg.dtype, kv_tokens=kv) as srv:
-        yield srv.base_url, srv.model
+        yield srv
+
+
+@contextmanager
+def _target(cfg: ReplayConfig, srv: Any) -> Iterator[tuple[str, str]]:
+    """(base_url, model) of the local engine with an empty cache, or of the given endpoint."""
+    if srv is None:
+        yield str(cfg.endpoint).rstrip("/"), cfg.model
+        return
+    srv.engine.reset_cache()  # every (arm, concurrency) starts cold, like a fresh server
+    yield srv.base_url, srv.model
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -465,63 +475,64 @@ def run_replay(cfg: ReplayConfig) -> ReplayResult:
     """Replay the workload for every (arm, concurrency); see the module docstring."""
     runs: list[dict[str, Any]] = []
     records: list[RequestRecord] = []
-    for c in cfg.concurrency:
-        for arm in cfg.arms:
-            spec = _BY_NAME[arm]
-            salt = "" if cfg.endpoint is None else f"{arm}-c{c}-{uuid.uuid4().hex[:8]}"
-            convs = build_workload(replace(cfg.workload, salt=salt))
-            threads = min(c, len(convs))
-            shares = [convs[i::threads] for i in range(threads)]
-            total = sum(len(conv.requests) for conv in convs)
-            started = time.perf_counter()
-            with _target(cfg, c) as (base_url, model):
-                if cfg.warmup:
-                    _warm_up(base_url, model, cfg)
-                lock = threading.Lock()
-                stop = threading.Event()
-                with _progress(total, f"{arm} C={c}", cfg.progress) as bar:
+    with _engine(cfg) as srv:
+        for c in cfg.concurrency:
+            for arm in cfg.arms:
+                spec = _BY_NAME[arm]
+                salt = "" if cfg.endpoint is None else f"{arm}-c{c}-{uuid.uuid4().hex[:8]}"
+                convs = build_workload(replace(cfg.workload, salt=salt))
+                threads = min(c, len(convs))
+                shares = [convs[i::threads] for i in range(threads)]
+                total = sum(len(conv.requests) for conv in convs)
+                started = time.perf_counter()
+                with _target(cfg, srv) as (base_url, model):
+                    if cfg.warmup:
+                        _warm_up(base_url, model, cfg)
+                    lock = threading.Lock()
+                    stop = threading.Event()
+                    with _progress(total, f"{arm} C={c}", cfg.progress) as bar:
 
-                    def tick(bar: Any = bar, lock: threading.Lock = lock) -> None:
-                        if bar is not None:
-                            with lock:
-                                bar.update(1)
+                        def tick(bar: Any = bar, lock: threading.Lock = lock) -> None:
+                            if bar is not None:
+                                with lock:
+                                    bar.update(1)
 
-                    with ThreadPoolExecutor(max_workers=threads) as pool:
-                        futures = [
-                            pool.submit(
-                                _replay_conversations,
-                                share,
-                                spec,
-                                c,
-                                cfg,
-                                base_url,
-                                model,
-                                tick,
-                                stop,
-                            )
-                            for share in shares
-                        ]
-                        run_records: list[RequestRecord] = []
-                        try:
-                            for f in futures:
-                                run_records.extend(f.result())
-                        except BaseException:
-                            stop.set()
-                            raise
-                stats = _server_stats(base_url, cfg)
-            run_records.sort(key=lambda r: (r.conversation, r.turn))
-            records.extend(run_records)
-            runs.append(
-                {
-                    "arm": arm,
-                    "concurrency": c,
-                    "threads": threads,
-                    "salt": salt,
-                    "wall_s": time.perf_counter() - started,
-                    "metrics": arm_metrics(run_records),
-                    "server_stats": stats,
-                }
-            )
+                        with ThreadPoolExecutor(max_workers=threads) as pool:
+                            futures = [
+                                pool.submit(
+                                    _replay_conversations,
+                                    share,
+                                    spec,
+                                    c,
+                                    cfg,
+                                    base_url,
+                                    model,
+                                    tick,
+                                    stop,
+                                )
+                                for share in shares
+                            ]
+                            run_records: list[RequestRecord] = []
+                            try:
+                                for f in futures:
+                                    run_records.extend(f.result())
+                            except BaseException:
+                                stop.set()
+                                raise
+                    stats = _server_stats(base_url, cfg)
+                run_records.sort(key=lambda r: (r.conversation, r.turn))
+                records.extend(run_records)
+                runs.append(
+                    {
+                        "arm": arm,
+                        "concurrency": c,
+                        "threads": threads,
+                        "salt": salt,
+                        "wall_s": time.perf_counter() - started,
+                        "metrics": arm_metrics(run_records),
+                        "server_stats": stats,
+                    }
+                )
     agreement = _agreement(records) if cfg.endpoint is None else {}
     for run in runs:
         run["metrics"]["first_token_agreement"] = agreement.get((run["arm"], run["concurrency"]))

@@ -234,6 +234,7 @@ def create_app(engine: Engine, *, model_name: str, max_request_bytes: int) -> Fa
             "directives": done.directives,
             "notes": done.notes,
             "ttft_ms": round(done.ttft_s * 1000, 2),
+            "timings_ms": done.timings_ms,
         }
 
     @app.post("/v1/chat/completions")

@@ -32,7 +32,7 @@ from leyline.directives import Directive, directives_from_wire, validate_directi
 from leyline.errors import DirectiveError
 from leyline.server.core.chunking import chunk_spans
 from leyline.server.core.index import ContentIndex
-from leyline.server.core.kernels.splice import splice_kv
+from leyline.server.core.kernels.splice import kv_pointers, splice_kv
 from leyline.server.core.planner import CachedSequence, Mode, Plan, TokenDirective, build_plan
 from leyline.server.engine.forward import Generation, sample_next
 from leyline.server.engine.model import LoadedModel
@@ -80,6 +80,7 @@ class Finished:
     latency_s: float
     session: str | None = None
     version: int | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def cached_tokens(self) -> int:
@@ -122,6 +123,8 @@ class Engine:
         self.content_reuse = content_reuse and inv_freq is not None
         self.max_sessions = max_sessions
         self.salt = loaded.name
+        # the Triton splice reads layer addresses from a table built once per pool
+        self.pointers = kv_pointers(store.k, store.v) if store.k[0].is_cuda else None
         self.seed = seed
         self.lock = threading.RLock()  # held by the worker per request and by session calls
         self._queue: queue.Queue[Work | None] = queue.Queue(maxsize=max_queue)
@@ -209,6 +212,15 @@ class Engine:
             "expires_in_s": round(max(0.0, state.expires_at - time.monotonic()), 1),
         }
 
+    def reset_cache(self) -> None:
+        """Close every session and drop all cached KV and index entries (an empty cache, as
+        after a restart; counters are kept). Waits for the request in flight, if any."""
+        with self.lock:
+            for session_id in self.sessions.ids():
+                self.sessions.close(session_id)
+            self.tree.reset()
+            self.index.clear()
+
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return {
@@ -229,6 +241,7 @@ class Engine:
     # ------------------------------------------------------------------ request path
     def _serve(self, work: Work) -> Finished:
         t0 = time.perf_counter()
+        marks = {"start": t0}
         self.sessions.expire()
         ids = work.ids
         payload = work.leyline
@@ -256,6 +269,7 @@ class Engine:
             )
             # allocate before planning: eviction must not free a chunk the plan copies from
             fresh = self._alloc(len(ids) - min(match.length, len(ids) - 1), held)
+            marks["match"] = time.perf_counter()
             plan = build_plan(
                 ids,
                 exact_len=match.length,
@@ -267,7 +281,8 @@ class Engine:
             )
             outcomes = self._merge_outcomes(outcomes, plan)
             assert len(fresh) == len(ids) - plan.exact_tokens
-            slots, logits, generation = self._materialize(plan, ids, fresh)
+            marks["plan"] = time.perf_counter()
+            slots, logits, generation = self._materialize(plan, ids, fresh, marks)
             ttft_holder: list[float] = []
             gen_ids, text, reason, slots = self._decode(
                 work, logits, generation, ids, slots, held, ttft_holder
@@ -300,6 +315,7 @@ class Engine:
             directives=outcomes,
             notes=notes,
             ttft_s=(ttft_holder[0] if ttft_holder else now) - work.submitted_at,
+            timings_ms=_phases(marks, work.submitted_at, ttft_holder),
             latency_s=now - t0,
             session=state.id if state is not None else None,
             version=payload.version if payload is not None else None,
@@ -430,7 +446,7 @@ class Engine:
                 return
 
     def _materialize(
-        self, plan: Plan, ids: np.ndarray, fresh: np.ndarray
+        self, plan: Plan, ids: np.ndarray, fresh: np.ndarray, marks: dict[str, float]
     ) -> tuple[np.ndarray, torch.Tensor, Generation]:
         """Slots for every prompt token, with spliced/chunk KV copied and recompute runs
         prefilled; returns the slots, the last token's logits and the generation state."""
@@ -460,7 +476,11 @@ class Engine:
                 layout=self.store.layout,
                 inv_freq=self.inv_freq,
                 interleaved=self.interleaved,
+                pointers=self.pointers,
             )
+            if dev.type == "cuda":  # NOTE: only to time the phase; the forward is on-stream
+                torch.cuda.synchronize(dev)
+        marks["splice"] = time.perf_counter()
         recompute = plan.recompute_runs()
         for run in recompute[:-1]:
             self._generation(slots[: run.start]).extend(
@@ -608,6 +628,20 @@ class Engine:
             self.store.free(slots)
         held.private.clear()
         self._release_locks(held)
+
+
+def _phases(marks: dict[str, float], submitted: float, ttft: list[float]) -> dict[str, float]:
+    """Milliseconds spent queued, matching (sessions, directives, radix tree, slots), planning,
+    copying KV, and prefilling up to the first sampled token."""
+    out = {
+        "queue": marks["start"] - submitted,
+        "match": marks["match"] - marks["start"],
+        "plan": marks["plan"] - marks["match"],
+        "splice": marks["splice"] - marks["plan"],
+    }
+    if ttft:
+        out["prefill"] = ttft[0] - marks["splice"]
+    return {k: round(v * 1000, 3) for k, v in out.items()}
 
 
 def _ignored(n: int, reason: str) -> list[dict[str, Any]]:

@@ -221,3 +221,19 @@ def test_cancelled_stream_frees_resources(srv: RunningServer) -> None:
     srv.engine.observers.pop()
     assert reasons[0][0] == "cancelled" and reasons[0][1] < 400
     assert_no_leaks(srv.engine)
+
+
+def test_reset_cache_empties_sessions_and_kv(srv: RunningServer) -> None:
+    session = Session()
+    prepared = session.prepare(MESSAGES)
+    _client(srv).chat.completions.create(
+        model=srv.model,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=2,
+        extra_body=prepared.extra_body(),
+    )
+    assert srv.engine.stats()["sessions"] >= 1
+    srv.engine.reset_cache()
+    stats = srv.engine.stats()
+    assert stats["sessions"] == 0 and stats["kv"]["used_tokens"] == 0
+    assert stats["index_entries"] == 0
