@@ -172,6 +172,13 @@ def parser() -> argparse.ArgumentParser:
         help="a real model behind --endpoint, or replayed tool-call scripts",
     )
     d.add_argument("--endpoint", default=None, help="OpenAI base URL (with --llm endpoint)")
+    d.add_argument(
+        "--serve",
+        default=None,
+        metavar="MODEL",
+        help="start a fresh in-process engine with MODEL for each policy arm (instead of "
+        "--endpoint); with --llm scripted it measures the cache on the replayed prompts",
+    )
     d.add_argument("--model", default=None)
     d.add_argument("--api-key", default="leyline-eval")
     d.add_argument(

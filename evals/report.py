@@ -82,7 +82,7 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _fmt(x: Any, kind: str = "") -> str:
+def fmt(x: Any, kind: str = "") -> str:
     if x is None:
         return "-"
     if kind == "pct":
@@ -261,18 +261,18 @@ def write_replay_report(
                 run["concurrency"],
                 m["requests"],
                 m["prompt_tokens"],
-                _fmt(m["cache_hit"], "pct"),
-                _fmt(m["cache_hit_after_edit"], "pct"),
-                _fmt(m["unchanged_reused"], "pct"),
+                fmt(m["cache_hit"], "pct"),
+                fmt(m["cache_hit_after_edit"], "pct"),
+                fmt(m["unchanged_reused"], "pct"),
                 m["spliced"],
                 m["chunk_reused"],
                 m["recomputed"],
-                _fmt(m["ttft_p50_ms"], "ms"),
-                _fmt(m["ttft_p99_ms"], "ms"),
-                _fmt(m["ttft_edit_p50_ms"], "ms"),
-                _fmt(m["ttft_server_p50_ms"], "ms"),
-                _fmt(m["latency_p50_ms"], "ms"),
-                _fmt(m["first_token_agreement"], "pct"),
+                fmt(m["ttft_p50_ms"], "ms"),
+                fmt(m["ttft_p99_ms"], "ms"),
+                fmt(m["ttft_edit_p50_ms"], "ms"),
+                fmt(m["ttft_server_p50_ms"], "ms"),
+                fmt(m["latency_p50_ms"], "ms"),
+                fmt(m["first_token_agreement"], "pct"),
             ]
         )
     w = cfg.workload
@@ -381,11 +381,11 @@ def write_consistency_report(
             [
                 variant,
                 m["cases"],
-                _fmt(m["first_token_agreement"], "pct"),
-                _fmt(m["mean_kl"], "sci"),
-                _fmt(m["max_kl"], "sci"),
-                _fmt(m["no_divergence"], "pct"),
-                _fmt(m["median_first_divergence"]),
+                fmt(m["first_token_agreement"], "pct"),
+                fmt(m["mean_kl"], "sci"),
+                fmt(m["max_kl"], "sci"),
+                fmt(m["no_divergence"], "pct"),
+                fmt(m["median_first_divergence"]),
             ]
         )
     text = [

@@ -1,0 +1,38 @@
+"""`leyline eval debug-gym` end to end: the prepared 3.12 venv, scripted replays, a fresh engine
+per policy arm, and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from leyline.evals.cli import main
+
+
+@pytest.mark.slow
+def test_debug_gym_eval_report_against_the_engine(tmp_path: Path) -> None:
+    out = tmp_path / "dg"
+    argv = [
+        "debug-gym",
+        "--llm",
+        "scripted",
+        "--serve",
+        "tiny-llama",
+        "--tasks",
+        "purr,grader",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    keep, trunc = results["arms"]["keep_all"], results["arms"]["truncate"]
+    assert keep["kind"] == "replay" and keep["solved"] == 2 and trunc["solved"] == 2
+    # the engine answered every replayed prompt and reported its cache
+    assert keep["cached_tokens_per_step"] > 0 and trunc["directives_per_step"] > 0
+    assert trunc["spliced_per_step"] > 0
+    assert trunc["prompt_tokens_per_step"] < keep["prompt_tokens_per_step"]
+    assert "REPLAYS" in (out / "summary.md").read_text()
+    assert (out / "solve_rate.png").stat().st_size > 1000
