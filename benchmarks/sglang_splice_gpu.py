@@ -57,6 +57,35 @@ def _pool(name: str, size: int, device: str) -> Any:
                             enable_memory_saver=False)  # fmt: skip
 
 
+def _check_splice(
+    binding: Any, base_slots: Any, matched: Any, edit: tuple[int, int], n: int
+) -> str:
+    """The spliced rows in SGLang's pool == the base rows rotated by the core's torch ``rotate``
+    (an implementation independent of the Triton kernel); V and non-rotary dims bit-exact."""
+    from leyline.server.core.rope import rotate
+
+    src = base_slots[edit[1] : edit[1] + n].to(binding.k[0].device)
+    dst = matched[edit[0] : edit[0] + n].to(binding.k[0].device)
+    lo = binding.layout.rope_offset
+    hi = lo + binding.layout.rope_dim
+    worst = 0.0
+    for layer in range(len(binding.k)):
+        old, new = binding.k[layer][src], binding.k[layer][dst]
+        want = rotate(old, edit[0] - edit[1], binding.rope, offset=lo)
+        assert torch.equal(new[..., :lo], old[..., :lo]) and torch.equal(
+            new[..., hi:], old[..., hi:]
+        )
+        err = (new[..., lo:hi].float() - want[..., lo:hi].float()).abs()
+        # bf16 spacing at |x| is between |x| 2^-8 and |x| 2^-7: count in units of |x| 2^-8
+        ulp = want[..., lo:hi].float().abs().clamp_min(1e-2) * 2**-8
+        worst = max(worst, float((err / ulp).max()))
+        if binding.v is not None:
+            assert torch.equal(binding.v[layer][dst], binding.v[layer][src])
+    # two roundings apart at most (kernel vs reference each round their fp32 result once)
+    assert worst <= 4.0, f"spliced K off by {worst:.2f} x |x|2^-8"
+    return f"ok (rotary K within {worst:.2f} x |x|2^-8 of the reference; the rest bit-exact)"
+
+
 def bench_case(name: str, n: int, device: str, reps: int) -> dict[str, Any]:
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
@@ -103,6 +132,7 @@ def bench_case(name: str, n: int, device: str, reps: int) -> dict[str, Any]:
         _sync(device)
         times.append(time.perf_counter() - t0)
     spliced = len(res.device_indices) - EDIT[0]
+    out["check"] = _check_splice(binding, slots, res.device_indices, EDIT, spliced)
     out["match_tokens"] = len(res.device_indices)
     out["spliced_tokens"] = spliced
     out["match_prefix_ms"] = 1e3 * sorted(times)[len(times) // 2]

@@ -287,6 +287,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--sweep", action="store_true", help="also sweep block_t x num_warps")
+    parser.add_argument(
+        "--sizes", default="1024,4096,16384,65536", help="comma-separated token counts"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
@@ -294,7 +297,8 @@ def main() -> None:
     host = host_overhead()
     rows, sweeps = [], []
     for name in SHAPES:
-        r, sw = bench_shape(name, (1024, 4096, 16384), args.sweep)
+        sizes = tuple(int(x) for x in args.sizes.split(","))
+        r, sw = bench_shape(name, sizes, args.sweep)
         rows += r
         sweeps += sw
         torch.cuda.empty_cache()
