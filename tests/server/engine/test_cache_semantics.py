@@ -98,7 +98,7 @@ def test_amortize_deletion_splices_the_suffix(srv: RunningServer) -> None:
     (outcome,) = r["leyline"]["directives"]
     assert outcome["status"] == "applied", r["leyline"]
     assert t["spliced"] > 200 and t["spliced"] == outcome["spliced_tokens"]
-    assert t["recomputed"] <= 2
+    assert t["recomputed"] <= 2  # nothing new: only the last prompt token (for its logits)
     # spliced KV == old KV with the rotary part rotated by the shift (analytic reference)
     new_tokens, new_k = _served_kv(srv, agent.session)
     shift = len(old_tokens) - len(new_tokens)
@@ -117,6 +117,22 @@ def test_amortize_deletion_splices_the_suffix(srv: RunningServer) -> None:
     assert_no_leaks(srv.engine)
 
 
+def test_amortize_recomputes_only_the_replacement_and_the_new_turn(srv: RunningServer) -> None:
+    agent = Agent(srv)
+    h = _history("rep")
+    agent.send(h)
+    edited = [dict(m) for m in h]
+    edited[3]["content"] = "[tool output truncated]"
+    turn = {"role": "user", "content": "Now fix it, please, and explain the change."}
+    r = agent.send([*edited, {"role": "assistant", "content": "ok"}, turn])
+    t = r["leyline"]["tokens"]
+    tok = srv.engine.loaded.tokenizer
+    new_tokens = len(tok.encode("[tool output truncated]" + "ok" + turn["content"]))
+    assert t["spliced"] > 200
+    # the replacement, the new turn and their chat-template glue (a few tokens per message)
+    assert new_tokens <= t["recomputed"] <= new_tokens + 24, (t, new_tokens)
+
+
 def test_forget_equals_fresh_prefill(srv: RunningServer) -> None:
     agent = Agent(srv)
     h = _history("fgt")
@@ -127,6 +143,17 @@ def test_forget_equals_fresh_prefill(srv: RunningServer) -> None:
     t = r["leyline"]["tokens"]
     assert t["spliced"] == 0 and t["chunk_reused"] == 0
     assert t["recomputed"] > 100
+    # a fresh server given the edited prompt answers with the same greedy tokens
+    with running_server(model=srv.model) as fresh:
+        plain = openai.OpenAI(base_url=fresh.base_url, api_key="t", max_retries=0)
+        ref = plain.chat.completions.create(
+            model=fresh.model,
+            messages=redacted,  # type: ignore[arg-type]
+            max_tokens=4,
+            temperature=0,
+        )
+    assert r["choices"][0]["message"]["content"] == ref.choices[0].message.content
+    # and its KV equals the model's own forward over the edited prompt (fp32)
     tokens, ks = _served_kv(srv, agent.session)
     model = srv.engine.loaded.model
     with torch.no_grad():
