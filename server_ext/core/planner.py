@@ -53,12 +53,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from itertools import pairwise
 from typing import Literal
 
 import numpy as np
 
+# the SDK's Mode: directives mean the same thing on the wire and in the planner
+from leyline.directives import Mode
 from leyline.server.core.chunking import (
     DEFAULT_PARAMS,
     ChunkParams,
@@ -83,13 +84,6 @@ __all__ = [
 RunKind = Literal["exact", "spliced", "chunk", "recompute"]
 _KINDS: tuple[RunKind, ...] = ("exact", "spliced", "chunk", "recompute")
 _EXACT, _SPLICED, _CHUNK, _RECOMPUTE = 0, 1, 2, 3
-
-
-class Mode(StrEnum):
-    """How a directive's suffix is treated: AMORTIZE splices it, FORGET recomputes it."""
-
-    AMORTIZE = "amortize"
-    FORGET = "forget"
 
 
 def _ids(x: np.ndarray | Sequence[int], what: str) -> np.ndarray:

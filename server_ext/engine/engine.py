@@ -33,7 +33,7 @@ from leyline.errors import DirectiveError
 from leyline.server.core.chunking import chunk_spans
 from leyline.server.core.index import ContentIndex
 from leyline.server.core.kernels.splice import kv_pointers, splice_kv
-from leyline.server.core.planner import CachedSequence, Mode, Plan, TokenDirective, build_plan
+from leyline.server.core.planner import CachedSequence, Plan, TokenDirective, build_plan
 from leyline.server.engine.forward import Generation, sample_next
 from leyline.server.engine.model import LoadedModel
 from leyline.server.engine.protocol import APIError, LeylinePayload
@@ -388,7 +388,7 @@ class Engine:
                 replacement = work.ids[:0]
             if end > base_match.length:
                 raise DirectiveError("span is beyond the cached base sequence")
-            out.append(TokenDirective(start, end, np.asarray(replacement), Mode(d.mode.value)))
+            out.append(TokenDirective(start, end, np.asarray(replacement), d.mode))
         if base_match.length < len(state.tokens):
             notes.append("part of the session's base was evicted; directives cover what remains")
         return out, [], base
