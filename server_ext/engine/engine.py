@@ -588,8 +588,7 @@ class Engine:
         # were fed back (the last sampled token never was)
         served = np.concatenate([ids, np.asarray(gen_ids[: len(slots) - len(ids)], np.int64)])
         session_id = state.id if state is not None else None
-        if approx_from is not None and session_id is None:
-            approx_from = None  # cannot happen: approximate reuse needs a session
+        assert approx_from is None or session_id is not None, "approximate KV needs a session"
         node = self.tree.insert(served, slots, approx_from=approx_from, session=session_id)
         held.private.clear()  # the tree owns them now
         slots = self.tree.path_slots(node)  # insert may have freed duplicates of cached KV
