@@ -237,3 +237,36 @@ def test_reset_cache_empties_sessions_and_kv(srv: RunningServer) -> None:
     stats = srv.engine.stats()
     assert stats["sessions"] == 0 and stats["kv"]["used_tokens"] == 0
     assert stats["index_entries"] == 0
+
+
+def test_server_failure_releases_everything(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that fails inside the engine (after slots were allocated and locks taken)
+    answers 500 in OpenAI's shape and leaves the cache as it was."""
+    session = Session()
+    prepared = session.prepare(MESSAGES)
+    before = srv.engine.stats()["kv"]
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(srv.engine, "_materialize", boom)
+    r = httpx.post(
+        f"{srv.base_url}/chat/completions",
+        json={"model": srv.model, "messages": MESSAGES, "max_tokens": 2,
+              "leyline": prepared.payload()},
+        timeout=60,
+    )  # fmt: skip
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    assert srv.engine.stats()["kv"] == before
+    assert_no_leaks(srv.engine)
+    # the session was not advanced: the same prepared request now succeeds
+    ok = _client(srv).chat.completions.create(
+        model=srv.model,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=2,
+        extra_body=prepared.extra_body(),
+    )
+    assert ok.model_dump()["leyline"]["version"] == 1
