@@ -8,15 +8,29 @@ tokens with the original). Edits pair with the client's directives in order when
 agree; when they do not and all directives share one mode, every edit gets that mode; otherwise
 the directives are ignored. The prompt stays the source of truth: each span is read off the two
 token sequences, so applying the edits to the base always yields the request's tokens.
+
+The diff is vectorised (numpy, no per-token Python loop; 16K tokens in well under a
+millisecond of Python): k-grams (``k = merge_gap`` clamped to [2, 32]) that occur exactly once
+in both sequences anchor matching blocks (patience-diff style); consecutive anchors on one
+diagonal form a run, the heaviest chain of runs increasing in both sequences is kept, and each
+kept block is extended token-exactly into its neighbouring gaps. Equal stretches shorter than
+``k`` are never anchored, which changes nothing after merging (shorter gaps merge anyway).
+Content repeated within a sequence has no unique k-gram; an edit inside a repeated stretch
+that no unique anchor frames is reported as one larger edit (less reuse, never wrong KV).
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["TokenEdit", "align_edits"]
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+__all__ = ["TokenEdit", "align_edits", "edit_regions"]
+
+_MAX_RUNS = 256  # the chain search is O(runs^2) in Python: beyond this, the longest runs
+_HASH_SEED = 0x5EED_1E71
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,23 +44,129 @@ class TokenEdit:
     mode: str
 
 
-def _regions(base: Sequence[int], new: Sequence[int], merge_gap: int) -> list[list[int]]:
-    sm = difflib.SequenceMatcher(None, base, new, autojunk=len(base) > 2000)
+def _ids(x: Sequence[int] | np.ndarray) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x.astype(np.int64, copy=False)
+    if isinstance(x, memoryview | bytes) or getattr(x, "typecode", None) == "q":
+        return np.frombuffer(x, dtype=np.int64)  # array("q"): no per-token boxing
+    return np.asarray(x, dtype=np.int64)
+
+
+def _kgram_hashes(x: np.ndarray, k: int) -> np.ndarray:
+    # NOTE: uint64 arithmetic wraps (a multiplicative hash); collisions are caught later.
+    mult = np.random.default_rng(_HASH_SEED).integers(1, 2**63, size=k, dtype=np.uint64) | 1
+    w = sliding_window_view(np.ascontiguousarray(x).view(np.uint64), k)
+    h = w[:, 0] * mult[0]
+    for c in range(1, k):  # k column passes (k <= 32), each vectorised over all windows
+        h += w[:, c] * mult[c]
+    return h
+
+
+def _anchor_runs(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """Runs ``(i, j, size)`` of tokens anchored by k-grams unique in both, sorted by j.
+
+    Uniqueness is counted in a hash table of ~4x the k-gram count (bincount, no sort); a bucket
+    shared by two k-grams only drops anchors (conservative). Runs are verified token-exactly
+    once chained (`_matching_blocks`).
+    """
+    ha, hb = _kgram_hashes(a, k), _kgram_hashes(b, k)
+    bits = max(10, int(4 * max(len(ha), len(hb))).bit_length())
+    ba = (ha >> np.uint64(64 - bits)).astype(np.intp)
+    bb = (hb >> np.uint64(64 - bits)).astype(np.intp)
+    ca = np.bincount(ba, minlength=1 << bits)
+    cb = np.bincount(bb, minlength=1 << bits)
+    pos = np.zeros(1 << bits, np.int64)
+    pos[ba] = np.arange(len(ba))
+    j = np.flatnonzero((cb[bb] == 1) & (ca[bb] == 1))
+    i = pos[bb[j]]
+    same = ha[i] == hb[j]  # the full 64-bit hashes agree, not only the bucket
+    i, j = i[same], j[same]
+    if not len(i):
+        return np.zeros((0, 3), np.int64)
+    # One run per stretch of one diagonal whose anchor windows overlap or abut (gaps left by
+    # dropped anchors are then covered by the neighbouring windows).
+    dj = np.diff(j)
+    cut = np.flatnonzero((np.diff(j - i) != 0) | (dj > k)) + 1
+    starts = np.concatenate([[0], cut])
+    last = np.concatenate([cut, [len(i)]]) - 1
+    return np.stack([i[starts], j[starts], j[last] - j[starts] + k], axis=1)
+
+
+def _chain(runs: np.ndarray) -> list[tuple[int, int, int]]:
+    """Heaviest chain of runs increasing and non-overlapping in both sequences (runs by j)."""
+    if len(runs) > _MAX_RUNS:  # pathological input: keep the longest runs, in j order
+        keep = np.sort(np.argsort(-runs[:, 2], kind="stable")[:_MAX_RUNS])
+        runs = runs[keep]
+    rs = [(int(i), int(j), int(s)) for i, j, s in runs]
+    best: list[int] = []
+    prev: list[int] = []
+    for n, (i, j, s) in enumerate(rs):
+        score, back = s, -1
+        for m in range(n):
+            pi, pj, ps = rs[m]
+            if pi + ps <= i and pj + ps <= j and best[m] + s > score:
+                score, back = best[m] + s, m
+        best.append(score)
+        prev.append(back)
+    out: list[tuple[int, int, int]] = []
+    n = int(np.argmax(best)) if best else -1
+    while n >= 0:
+        out.append(rs[n])
+        n = prev[n]
+    return out[::-1]
+
+
+def _common_len(x: np.ndarray, y: np.ndarray) -> int:
+    m = min(len(x), len(y))
+    neq = np.flatnonzero(x[:m] != y[:m])
+    return int(neq[0]) if len(neq) else m
+
+
+def _matching_blocks(a: np.ndarray, b: np.ndarray, k: int) -> list[tuple[int, int, int]]:
+    """Equal blocks ``(i, j, size)``, increasing and disjoint, each extended exactly."""
+    head = _common_len(a, b)
+    tail = _common_len(a[head:][::-1], b[head:][::-1])
+    ma, mb = a[head : len(a) - tail], b[head : len(b) - tail]
+    out = [(0, 0, head)]
+    runs = _chain(_anchor_runs(ma, mb, k)) if min(len(ma), len(mb)) >= k else []
+    pi = pj = 0
+    for n, (i, j, s) in enumerate(runs):
+        if not np.array_equal(ma[i : i + s], mb[j : j + s]):
+            continue  # NOTE: a 64-bit hash collision; dropping the run only widens an edit
+        ni, nj = runs[n + 1][:2] if n + 1 < len(runs) else (len(ma), len(mb))
+        ni, nj = max(ni, i + s), max(nj, j + s)
+        left = _common_len(ma[pi:i][::-1], mb[pj:j][::-1])
+        right = _common_len(ma[i + s : ni], mb[j + s : nj])
+        i, j, s = i - left, j - left, s + left + right
+        out.append((head + i, head + j, s))
+        pi, pj = i + s, j + s
+    out.append((len(a) - tail, len(b) - tail, tail))
+    return [blk for blk in out if blk[2] > 0]
+
+
+def edit_regions(
+    base: Sequence[int] | np.ndarray, new: Sequence[int] | np.ndarray, merge_gap: int = 16
+) -> list[tuple[int, int, int, int]]:
+    """Edit regions ``(start, end, new_start, new_end)`` of ``base`` -> ``new``, merged when
+    the equal stretch between two is shorter than ``merge_gap``."""
+    a, b = _ids(base), _ids(new)
+    k = min(max(merge_gap, 2), 32)
     regions: list[list[int]] = []
-    for tag, i1, i2, j1, j2 in sm.get_opcodes():
-        if tag == "equal":
-            continue
-        if regions and i1 - regions[-1][1] < merge_gap and j1 - regions[-1][3] < merge_gap:
-            regions[-1][1], regions[-1][3] = i2, j2
-        else:
-            regions.append([i1, i2, j1, j2])
-    return regions
+    pi = pj = 0
+    for i, j, s in [*_matching_blocks(a, b, k), (len(a), len(b), 0)]:
+        if i > pi or j > pj:
+            if regions and pi - regions[-1][1] < merge_gap and pj - regions[-1][3] < merge_gap:
+                regions[-1][1], regions[-1][3] = i, j
+            else:
+                regions.append([pi, i, pj, j])
+        pi, pj = i + s, j + s
+    return [(r[0], r[1], r[2], r[3]) for r in regions]
 
 
 def align_edits(
-    base: Sequence[int],
+    base: Sequence[int] | np.ndarray,
     base_prompt_len: int,
-    new: Sequence[int],
+    new: Sequence[int] | np.ndarray,
     modes: Sequence[str],
     *,
     merge_gap: int = 16,
@@ -54,7 +174,7 @@ def align_edits(
     """Token edits of ``base`` -> ``new`` with the client's modes, or ``([], reason)``."""
     if not modes:
         return [], None
-    regions = [r for r in _regions(base, new, merge_gap) if r[0] < base_prompt_len]
+    regions = [r for r in edit_regions(base, new, merge_gap) if r[0] < base_prompt_len]
     if not regions:
         return [], "the request's tokens show no edit inside the base prompt"
     if len(regions) == len(modes):
@@ -66,6 +186,4 @@ def align_edits(
             f"the token diff finds {len(regions)} edits but the payload has {len(modes)} "
             "directives with mixed modes"
         )
-    return [
-        TokenEdit(r[0], r[1], r[2], r[3], m) for r, m in zip(regions, paired, strict=True)
-    ], None
+    return [TokenEdit(*r, m) for r, m in zip(regions, paired, strict=True)], None

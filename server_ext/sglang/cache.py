@@ -100,6 +100,7 @@ class _Accounting:
     chunk_reused: int = 0
     recomputed: int = 0
     directives: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_wire(self, opts: RequestOptions | None) -> dict[str, Any]:
         return {
@@ -112,6 +113,7 @@ class _Accounting:
                 "recomputed": self.recomputed,
             },
             "directives": self.directives,
+            "notes": self.notes,
         }
 
 
@@ -125,7 +127,7 @@ class _Sessions:
     def record(self, session: str, version: int, tokens: Sequence[int], prompt_len: int) -> None:
         versions = self._by_id.setdefault(session, {})
         self._by_id.move_to_end(session)
-        versions[version] = (np.asarray(tokens, dtype=np.int64), prompt_len)
+        versions[version] = (_ids(tokens).copy(), prompt_len)
         for old in sorted(versions)[:-2]:  # a request edits the latest committed version
             del versions[old]
         while len(self._by_id) > self._capacity:
@@ -162,6 +164,7 @@ class LeylineRadixCache(RadixCache):
         self.binding = binding
         self.index = ContentIndex()
         self.sessions = _Sessions(config.max_sessions)
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
         super().__init__(params)
 
     @classmethod
@@ -204,16 +207,13 @@ class LeylineRadixCache(RadixCache):
         req.extra_key = ns  # every later insert of this request stays in the namespace
         key = RadixKey(params.key.token_ids, ns, limit=params.key.limit)
         res = super().match_prefix(MatchPrefixParams(key=key, cow_mamba=params.cow_mamba))
-        tokens = (
-            np.frombuffer(key.raw_token_ids(), dtype=np.int64)
-            if len(key)
-            else np.zeros(0, np.int64)
-        )
+        raw = key.raw_token_ids()
+        tokens = _ids(raw) if len(key) else np.zeros(0, np.int64)
         state: _Accounting | None = getattr(req, _STATE_ATTR, None)
         first = state is None
         acct = _Accounting(exact=len(res.device_indices))
         if self.binding is not None and len(tokens) > len(res.device_indices):
-            res = self._extend(tokens, res, opts, ns, acct, record=first)
+            res = self._extend(tokens, raw, res, opts, ns, acct, record=first)
         if first:
             acct.recomputed = len(tokens) - len(res.device_indices)
             setattr(req, _STATE_ATTR, acct)
@@ -271,6 +271,7 @@ class LeylineRadixCache(RadixCache):
     def _extend(
         self,
         tokens: np.ndarray,
+        raw: Any,
         res: MatchResult,
         opts: RequestOptions,
         ns: str,
@@ -280,11 +281,10 @@ class LeylineRadixCache(RadixCache):
     ) -> MatchResult:
         from leyline.server.core.planner import CachedSequence, Mode, TokenDirective, build_plan
 
-        ns_key = RadixKey(_arr(tokens), ns)
+        # ``raw`` is the key's own array("q") (``tokens`` views it): no copy per radix lookup.
+        ns_key = RadixKey(raw, ns)
         # 1. seed from the plain namespace (exact KV at the same positions: delta 0).
-        exact_res = super().match_prefix(
-            MatchPrefixParams(key=RadixKey(_arr(tokens), _tenant_key(ns)))
-        )
+        exact_res = super().match_prefix(MatchPrefixParams(key=RadixKey(raw, _tenant_key(ns))))
         if len(exact_res.device_indices) > len(res.device_indices):
             lo, hi = len(res.device_indices), len(exact_res.device_indices)
             src = exact_res.device_indices[lo:hi]
@@ -298,10 +298,11 @@ class LeylineRadixCache(RadixCache):
         if opts.session is not None and opts.base_version is not None:
             base = self.sessions.get(opts.session, opts.base_version)
             if base is None:
+                why = f"session {opts.session!r} has no cached base version {opts.base_version}"
                 acct.directives = [
-                    {"index": i, "status": "ignored", "reason": "unknown session base version"}
-                    for i in range(len(opts.modes))
+                    {"index": i, "status": "ignored", "reason": why} for i in range(len(opts.modes))
                 ]
+                acct.notes.append(f"{why} (evicted or never served here): directives ignored")
             else:
                 b_tokens, b_prompt = base
                 b_res = super().match_prefix(MatchPrefixParams(key=RadixKey(_arr(b_tokens), ns)))
@@ -318,6 +319,7 @@ class LeylineRadixCache(RadixCache):
                         {"index": i, "status": "ignored", "reason": why}
                         for i in range(len(opts.modes))
                     ]
+                    acct.notes.append(f"directives ignored: {why}")
                 directives = [
                     TokenDirective(
                         e.start, e.end, tokens[e.new_start : e.new_end].copy(),
@@ -361,6 +363,7 @@ class LeylineRadixCache(RadixCache):
                 acct.chunk_reused += int((kinds == 1).sum())
                 return out
             # eviction may have dropped chunk donors from the index: re-plan once.
+        acct.notes.append(f"no free KV slots for a {len(src)}-token extension: exact match served")
         return res
 
     def _fill(
@@ -393,10 +396,13 @@ class LeylineRadixCache(RadixCache):
             src_d = src.to(dev)
             dst_d = dst.to(dev)
             delta_t = torch.as_tensor(delta, dtype=torch.int64, device=dev)
+            inv_freq = self._inv_freq.get(dev)
+            if inv_freq is None:  # once per device, not a host-to-device copy per request
+                inv_freq = self._inv_freq[dev] = self.binding.rope.inv_freq_tensor(dev)
             splice_kv(
                 self.binding.k, self.binding.v, src_d, dst_d, delta_t,
                 layout=self.binding.layout,
-                inv_freq=self.binding.rope.inv_freq_tensor(dev),
+                inv_freq=inv_freq,
                 interleaved=self.binding.rope.interleaved,
                 impl=self.leyline_config.kernel_impl,
             )  # fmt: skip
@@ -432,6 +438,13 @@ def _leading_runs(plan: Any, start: int) -> tuple[np.ndarray, np.ndarray, np.nda
         z = np.zeros(0, np.int64)
         return z, z, z.astype(np.int8)
     return np.concatenate(src), np.concatenate(delta), np.concatenate(kinds)
+
+
+def _ids(tokens: Any) -> np.ndarray:
+    """Token ids as int64 numpy, viewing an ``array("q")`` without boxing each token."""
+    if isinstance(tokens, array) and tokens.typecode == "q":
+        return np.frombuffer(tokens, dtype=np.int64) if len(tokens) else np.zeros(0, np.int64)
+    return np.asarray(tokens, dtype=np.int64)
 
 
 def _arr(tokens: np.ndarray) -> array:

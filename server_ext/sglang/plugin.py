@@ -3,12 +3,15 @@
 Entry point (pyproject): ``[project.entry-points."sglang.srt.plugins"] leyline =
 "leyline.server.sglang.plugin:register"``. SGLang calls `register` with no arguments in the
 main process and in every scheduler process, and swallows its exceptions, so failures are
-logged here as errors that name the cause before being re-raised.
+logged here as errors that name the cause before being re-raised. In the main process (the one
+that serves HTTP) it also registers the response hooks (`response.install_response_hooks`) and
+the ``/v1/leyline`` routes.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import sys
 from typing import Any
 
@@ -102,6 +105,33 @@ def leyline_cache_factory(ctx: Any) -> Any:
     return LeylineRadixCache(ctx.params, binding, LeylineCacheConfig())
 
 
+def _install_routes_before_launch(*_args: Any, **_kwargs: Any) -> None:
+    """BEFORE hook of ``http_server.launch_server``: add the routes to SGLang's app."""
+    from sglang.srt.entrypoints import http_server
+
+    from leyline.server.sglang.routes import install_routes
+
+    install_routes(http_server.app)
+
+
+def _register_http() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from leyline.server.sglang.response import install_response_hooks
+
+    install_response_hooks()
+    if "sglang.srt.entrypoints.http_server" in sys.modules:
+        _install_routes_before_launch()
+        return
+    # NOTE: the CLI runs load_plugins before it imports http_server, so the routes go in when
+    # the server launches (resolving this target imports http_server, as launching does).
+    target = "sglang.srt.entrypoints.http_server.launch_server"
+    if not any(
+        h is _install_routes_before_launch for _t, h, _s in HookRegistry._hooks.get(target, ())
+    ):
+        HookRegistry.register(target, _install_routes_before_launch, HookType.BEFORE)
+
+
 def register() -> None:
     """Entry point run by SGLang's ``load_plugins``; idempotent; loud on failure."""
     try:
@@ -114,12 +144,9 @@ def register() -> None:
             register_radix_cache_backend(BACKEND_NAME, leyline_cache_factory)
         if get_radix_cache_factory(BACKEND_NAME) is not leyline_cache_factory:
             raise RuntimeError(f"another factory is registered under {BACKEND_NAME!r}")
-        # Routes only in the process that serves HTTP (the main process imported the app).
-        http = sys.modules.get("sglang.srt.entrypoints.http_server")
-        if http is not None:
-            from leyline.server.sglang.routes import install_routes
-
-            install_routes(http.app)
+        # Scheduler processes are children; only the main process serves HTTP.
+        if multiprocessing.parent_process() is None:
+            _register_http()
     except Exception as exc:
         logger.error("leyline: SGLang plugin registration FAILED (%s: %s)", type(exc).__name__, exc)
         raise

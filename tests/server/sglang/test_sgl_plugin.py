@@ -50,14 +50,42 @@ def _entry_point_dist(tmp_path, monkeypatch, target: str = ENTRY) -> None:
     importlib.invalidate_caches()
 
 
+def _isolate_hooks(monkeypatch) -> None:
+    """load_plugins applies the plugin's hooks: keep SGLang's classes unpatched afterwards."""
+    from collections import defaultdict
+
+    from sglang.srt.entrypoints import http_server
+    from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))
+    monkeypatch.setattr(HookRegistry, "_patched", set())
+    monkeypatch.setattr(http_server, "launch_server", http_server.launch_server)
+    for cls in (OpenAIServingChat, TokenizerManager):
+        for name in ("_build_chat_response", "_generate_chat_stream", "generate_request"):
+            if name in cls.__dict__:
+                monkeypatch.setattr(cls, name, cls.__dict__[name])
+
+
 def test_entry_point_registers_backend_through_load_plugins(tmp_path, monkeypatch) -> None:
     import sglang.srt.plugins as plugins
+    from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 
+    from leyline.server.sglang.response import with_accounting
+
+    _isolate_hooks(monkeypatch)
     _entry_point_dist(tmp_path, monkeypatch)
     monkeypatch.setattr(plugins, "_plugins_loaded", False)
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
     plugins.load_plugins()
     assert registry.get_radix_cache_factory("leyline") is plugin.leyline_cache_factory
+    # the main process also got the response hooks, applied by load_plugins
+    assert OpenAIServingChat._build_chat_response.__closure__ is not None
+    assert any(
+        c.cell_contents is with_accounting
+        for c in OpenAIServingChat._build_chat_response.__closure__
+    )
     plugin.register()  # idempotent: SGLang runs it in every process
     assert registry.registered_radix_cache_backends() == ["leyline"]
 

@@ -1,0 +1,89 @@
+"""The vectorised token diff (`align.edit_regions`) against difflib's opcodes, the reference it
+replaced, on random sequences with awkward edits; and its speed on a 16K-token request."""
+
+from __future__ import annotations
+
+import difflib
+from array import array
+
+import numpy as np
+import pytest
+from _sglang_support import require_sglang
+
+require_sglang()
+
+from leyline.server.sglang.align import align_edits, edit_regions  # noqa: E402
+
+
+def _difflib_regions(base, new, merge_gap: int = 16) -> list[tuple[int, int, int, int]]:
+    sm = difflib.SequenceMatcher(None, list(base), list(new), autojunk=len(base) > 2000)
+    out: list[list[int]] = []
+    for tag, i1, i2, j1, j2 in sm.get_opcodes():
+        if tag == "equal":
+            continue
+        if out and i1 - out[-1][1] < merge_gap and j1 - out[-1][3] < merge_gap:
+            out[-1][1], out[-1][3] = i2, j2
+        else:
+            out.append([i1, i2, j1, j2])
+    return [tuple(r) for r in out]
+
+
+def _edited(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
+    new = base.copy()
+    for _ in range(int(rng.integers(0, 4))):
+        s = int(rng.integers(0, len(new) + 1))
+        e = min(len(new), s + int(rng.integers(0, 300)))
+        repl = rng.integers(0, 50_000, int(rng.integers(0, 90)))
+        new = np.concatenate([new[:s], repl, new[e:]])
+    if rng.random() < 0.5:  # the next turn appended after the base
+        new = np.concatenate([new, rng.integers(0, 50_000, 37)])
+    return new
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_regions_equal_difflibs_on_random_edits(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        base = rng.integers(0, 50_000, int(rng.integers(1, 2500)))
+        new = _edited(rng, base)
+        assert edit_regions(base, new) == _difflib_regions(base, new)
+
+
+def test_regions_rebuild_the_request_even_with_repeated_content() -> None:
+    # A repeated block has no unique k-gram: the diff may report a wider edit, never a wrong one.
+    rng = np.random.default_rng(7)
+    block = rng.integers(0, 500, 61)
+    base = np.concatenate([block, rng.integers(0, 500, 45), block, block, rng.integers(0, 9, 33)])
+    new = np.concatenate([base[:70], base[95:150], [3, 1, 4], base[150:], base[:20]])
+    regions = edit_regions(base, new, merge_gap=5)
+    rebuilt, i = [], 0
+    for s, e, ns, ne in regions:
+        assert base[i:s].tolist() == new[len(rebuilt) : len(rebuilt) + s - i].tolist()
+        rebuilt += base[i:s].tolist() + new[ns:ne].tolist()
+        i = e
+    rebuilt += base[i:].tolist()
+    assert rebuilt == new.tolist()
+
+
+def test_align_edits_accepts_sglang_arrays_and_pairs_modes() -> None:
+    rng = np.random.default_rng(3)
+    base = rng.integers(5, 90_000, 1333)
+    new = np.concatenate([base[:100], base[140:700], rng.integers(5, 90_000, 9), base[760:]])
+    edits, why = align_edits(array("q", base.tolist()), 1333, array("q", new.tolist()),
+                             ["amortize", "forget"])  # fmt: skip
+    assert why is None
+    assert [(e.start, e.end, e.new_start, e.new_end, e.mode) for e in edits] == [
+        (100, 140, 100, 100, "amortize"),
+        (700, 760, 660, 669, "forget"),
+    ]
+    _, why = align_edits(base, 1333, base, ["amortize"])
+    assert why is not None and "no edit" in why
+
+
+def test_sixteen_k_token_edit_regions() -> None:
+    """A 256-token deletion ahead of a 16K-token suffix plus an appended turn (the benchmark's
+    case; its speed is reported by benchmarks/sglang_splice_gpu.py, not asserted here)."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(10, 100_000, 16_384 + 320)
+    new = np.concatenate([base[:64], base[320:], np.full(64, 7)])
+    assert edit_regions(base, new) == [(64, 320, 64, 64), (16_704, 16_704, 16_448, 16_512)]
