@@ -164,6 +164,8 @@ class LeylineOpenAILLM(OpenAILLM):
         #: False once the server refused the ``leyline`` field (requests then go without it).
         self.leyline_enabled = leyline
         self.records: list[StepRecord] = []
+        #: every prompt sent, as OpenAI message lists (edit cases for ``leyline eval consistency``)
+        self.prompts: list[list[dict[str, Any]]] = []
         self._failures = 0
 
     @classmethod
@@ -327,6 +329,7 @@ class LeylineOpenAILLM(OpenAILLM):
         ttft: float | None,
         latency: float | None,
     ) -> StepRecord:
+        self.prompts.append([dict(m) for m in messages])
         body = response.model_dump() if hasattr(response, "model_dump") else dict(response)
         usage = body.get("usage") or {}
         acc = Accounting.from_response(body)
@@ -418,6 +421,7 @@ class ScriptedLLM(LeylineOpenAILLM):
     def _record_offline(
         self, messages: list[dict[str, Any]], tools: Any, forget: Collection[int]
     ) -> None:
+        self.prompts.append([dict(m) for m in messages])
         defs = self.define_tools(tools) if tools else None
         prepared = self.session.prepare(
             messages, forget=_forget_in_range(forget, len(messages)), tools=defs

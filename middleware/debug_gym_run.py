@@ -88,6 +88,10 @@ def run_task(
         resolved, score, max_score = bool(env.resolved), env.score, env.max_score
         env.close()
     records = [r.as_dict() for r in getattr(llm, "records", [])]
+    (out_dir / task).mkdir(parents=True, exist_ok=True)
+    (out_dir / task / "requests.json").write_text(
+        json.dumps(getattr(llm, "prompts", []), default=str)
+    )
     return {
         "task": task,
         "policy": policy_name,
@@ -260,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": rows,
     }
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    # every task's prompts, in the format `leyline eval consistency --trajectories` reads
+    trajectories = [json.loads((args.out / t / "requests.json").read_text()) for t in tasks]
+    (args.out / "trajectories.json").write_text(json.dumps({"trajectories": trajectories}))
     s = result["summary"]
     print(
         f"{args.policy}: solved {s['solved']}/{s['tasks']}, {s['prompt_tokens']} prompt tokens "

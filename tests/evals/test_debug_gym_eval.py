@@ -36,3 +36,27 @@ def test_debug_gym_eval_report_against_the_engine(tmp_path: Path) -> None:
     assert trunc["prompt_tokens_per_step"] < keep["prompt_tokens_per_step"]
     assert "REPLAYS" in (out / "summary.md").read_text()
     assert (out / "solve_rate.png").stat().st_size > 1000
+    # the replayed prompts feed the consistency eval as debug-gym edit cases
+    trajectories = out / "truncate" / "trajectories.json"
+    data = json.loads(trajectories.read_text())["trajectories"]
+    assert len(data) == 2 and all(len(t) >= 2 for t in data)
+    cons = tmp_path / "cons"
+    argv = [
+        "consistency",
+        "--model",
+        "tiny-llama",
+        "--device",
+        "cpu",
+        "--k",
+        "4",
+        "--cases",
+        "2",
+        "--trajectories",
+        str(trajectories),
+        "--no-progress",
+        "--out",
+        str(cons),
+    ]
+    assert main(argv) == 0
+    report = json.loads((cons / "results.json").read_text())
+    assert "trajectory" in json.dumps(report)
