@@ -231,23 +231,18 @@ def _consistency_config(args: argparse.Namespace) -> ConsistencyConfig:
     )
 
 
-def _replay(cfg: ReplayConfig, out: Path, argv: Sequence[str]) -> int:
-    from leyline.evals.replay import run_replay
-    from leyline.evals.report import write_replay_report
+def _run(cfg: ReplayConfig | ConsistencyConfig, out: Path, argv: Sequence[str]) -> int:
+    """Run the eval the config is for, write its report, print the summary."""
+    from leyline.evals import report
 
-    result = run_replay(cfg)
-    paths = write_replay_report(out, result, command=_command(argv))
-    print((out / "summary.md").read_text())
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    if isinstance(cfg, ReplayConfig):
+        from leyline.evals.replay import run_replay
 
+        paths = report.write_replay_report(out, run_replay(cfg), command=_command(argv))
+    else:
+        from leyline.evals.consistency import run_consistency
 
-def _consistency(cfg: ConsistencyConfig, out: Path, argv: Sequence[str]) -> int:
-    from leyline.evals.consistency import run_consistency
-    from leyline.evals.report import write_consistency_report
-
-    result = run_consistency(cfg)
-    paths = write_consistency_report(out, result, command=_command(argv))
+        paths = report.write_consistency_report(out, run_consistency(cfg), command=_command(argv))
     print((out / "summary.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
@@ -284,6 +279,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"leyline eval {args.eval}: {exc}", file=sys.stderr)
         return 2
-    if isinstance(cfg, ReplayConfig):
-        return _replay(cfg, out, argv)
-    return _consistency(cfg, out, argv)
+    return _run(cfg, out, argv)

@@ -270,9 +270,7 @@ def _build_tiny(name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedMode
         # which would make position or KV mistakes hard to see in logits; 0.1 makes them visible.
         "initializer_range": 0.1,
         "tie_word_embeddings": False,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
+        **_special_tokens(tokenizer),
     }
     model_cls: type[PreTrainedModel]
     if name == "tiny-llama":
@@ -314,11 +312,7 @@ def _build_tiny(name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedMode
             **common,
         )
         model_cls = DeepseekV3ForCausalLM
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_TINY_SEED)
-        model = model_cls(config)
-    model.set_attn_implementation("sdpa")
-    return model
+    return _seeded(model_cls, config)
 
 
 def _build_random(
@@ -327,11 +321,7 @@ def _build_random(
     """Real-shaped models with random weights, for speed measurements (speed does not depend
     on weight values). Built directly on ``device`` in ``dtype``: initialising 8B parameters on
     a CPU in fp32 would take minutes and 32 GB."""
-    special = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    special = _special_tokens(tokenizer)
     model_cls: type[PreTrainedModel]
     if name == "random-llama-3.1-8b":
         config: PretrainedConfig = LlamaConfig(
@@ -390,9 +380,29 @@ def _build_random(
             **special,
         )
         model_cls = DeepseekV3ForCausalLM
+    return _seeded(model_cls, config, device=device, dtype=dtype)
+
+
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _seeded(
+    model_cls: type[PreTrainedModel],
+    config: PretrainedConfig,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """A model with seeded random weights, built directly on ``device`` in ``dtype``, leaving
+    the global random state untouched."""
+    default = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(_TINY_SEED)
-        default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
             model = model_cls(config)
