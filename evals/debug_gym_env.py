@@ -43,6 +43,7 @@ from typing import Any
 __all__ = [
     "DEBUG_GYM_PINS",
     "DebugGymEnvSpec",
+    "dataset_available",
     "find_dataset",
     "prepare_env",
     "run_debug_gym",
@@ -88,6 +89,13 @@ def find_dataset(project_root: Path = PROJECT_ROOT) -> Path | None:
         if (path / DATA_MARKER).is_file():
             return path
     return None
+
+
+def dataset_available(project_root: Path = PROJECT_ROOT) -> bool:
+    """mini_nightmare is either already in debug-gym's cache or can be copied from shared/."""
+    return (_default_data_target() / DATA_MARKER).is_file() or find_dataset(
+        project_root
+    ) is not None
 
 
 def _find_python312() -> Path | None:

@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 
 from leyline.evals.cli import main
+from leyline.evals.debug_gym_env import dataset_available
 
 
 @pytest.mark.slow
 def test_debug_gym_eval_report_against_the_engine(tmp_path: Path) -> None:
+    if not dataset_available():
+        pytest.skip("mini_nightmare data is not here (../shared/datasets or debug-gym's cache)")
     out = tmp_path / "dg"
     argv = [
         "debug-gym",

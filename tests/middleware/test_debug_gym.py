@@ -21,6 +21,7 @@ from leyline.evals.debug_gym_env import (
     DATA_MARKER,
     DebugGymEnvSpec,
     copy_dataset,
+    dataset_available,
     find_dataset,
     prepare_env,
     run_debug_gym,
@@ -91,6 +92,8 @@ def test_spec_validates_and_command_carries_every_option(tmp_path: Path) -> None
 # -- slow: the 3.12 venv ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def venv_python() -> Path:
+    if not dataset_available():
+        pytest.skip("mini_nightmare data is not here (../shared/datasets or debug-gym's cache)")
     python = prepare_env(progress=lambda line: None)
     assert python.is_file()
     return python
