@@ -25,35 +25,17 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from _source_tree import import_core
 
-def _import_core() -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
-    """Import the core modules, from the source tree if the package is not installed."""
-    try:
-        from leyline.server.core import chunking, index, planner
-    except ImportError:
-        root = Path(__file__).resolve().parents[1]
-        # Bare parent packages: leyline.server's __init__ needs torch, these modules do not.
-        for name, folder in (
-            ("leyline", "sdk"),
-            ("leyline.server", "server_ext"),
-            ("leyline.server.core", "server_ext/core"),
-        ):
-            mod = types.ModuleType(name)
-            mod.__path__ = [str(root / folder)]
-            sys.modules[name] = mod
-        from leyline.server.core import chunking, index, planner
-    return chunking, index, planner
-
-
-chunking, index_mod, planner = _import_core()
+chunking, index_mod, planner = (
+    import_core(f"leyline.server.core.{m}") for m in ("chunking", "index", "planner")
+)
 VOCAB = 151_936
 
 

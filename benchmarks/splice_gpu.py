@@ -52,7 +52,6 @@ import json
 import os
 import sys
 import time
-import types
 from functools import partial
 from pathlib import Path
 
@@ -60,27 +59,9 @@ import torch
 import triton
 import triton.testing
 
+from _source_tree import import_core
 
-def _import_splice() -> types.ModuleType:
-    """Import the kernel module, from the source tree if the package is not installed."""
-    try:
-        from leyline.server.core.kernels import splice
-    except ImportError:
-        root = Path(__file__).resolve().parents[1]
-        # Bare parent packages: only the kernel and layout modules are needed here.
-        for name, folder in (
-            ("leyline", "sdk"),
-            ("leyline.server", "server_ext"),
-            ("leyline.server.core", "server_ext/core"),
-        ):
-            mod = types.ModuleType(name)
-            mod.__path__ = [str(root / folder)]
-            sys.modules[name] = mod
-        from leyline.server.core.kernels import splice
-    return splice
-
-
-splice = _import_splice()
+splice = import_core("leyline.server.core.kernels.splice")
 KVLayout = sys.modules["leyline.server.core.layout"].KVLayout
 
 SHAPES = {
