@@ -37,6 +37,13 @@ to ``base.tokens`` gives the edited sequence ``E``; every kept base token gets a
   ``min(new start, p)``: a client bug may cost speed, never a leak.
 - Tokens past ``len(E)`` (the new turn) are recomputed or chunk-reused.
 
+Moved content (``moved`` given, with ``base``): ``(request_pos, base_pos, length)`` triples
+say that ``request[request_pos:+length]`` equals ``base.tokens[base_pos:+length]`` (content the
+edit moved, e.g. a message placed later; the adapter finds them by diffing). Tokens still to
+be recomputed there become ``chunk`` runs copying from ``base.slots`` (verified token by token
+here, the same FORGET barrier and guard as chunk reuse). A whole moved span is copied with one
+delta, with no recompute at CDC chunk edges.
+
 Content reuse (``index`` given): the whole request is chunked (CDC, so boundaries do not depend
 on where the exact match ends), and each chunk that starts at ``>= min_reuse_position`` (the
 attention-sink carve-out) and still has tokens to recompute is looked up; a hit (equal token
@@ -257,6 +264,7 @@ def build_plan(
     chunk_mode: Literal["cdc", "fixed"] = "cdc",
     min_reuse_position: int = 32,
     max_tokens_reusable: int | None = None,
+    moved: Sequence[tuple[int, int, int]] = (),
 ) -> Plan:
     """Plan one request (semantics in the module docstring)."""
     req = _ids(request, "request")
@@ -302,6 +310,10 @@ def build_plan(
             src_pos[idx] = edit.old[idx]
             src_slot[idx] = base.slots[edit.old[idx]]
 
+    if moved and base is not None:
+        _apply_moved(req, kind, src_slot, src_pos, base, moved, barrier, forbidden,
+                     min_reuse_position)  # fmt: skip
+
     if index is not None and len(index) and barrier > min_reuse_position:
         eligible = kind == _RECOMPUTE
         eligible[:min_reuse_position] = False
@@ -320,6 +332,38 @@ def build_plan(
     _assert_cover(runs, n)
     outcomes = _outcomes(directives, edit, kind, p, n) if edit is not None else ()
     return Plan(runs, outcomes)
+
+
+def _apply_moved(
+    req: np.ndarray,
+    kind: np.ndarray,
+    src_slot: np.ndarray,
+    src_pos: np.ndarray,
+    base: CachedSequence,
+    moved: Sequence[tuple[int, int, int]],
+    barrier: int,
+    forbidden: np.ndarray | None,
+    lo: int,
+) -> None:
+    """Turn recomputed tokens of verified moved spans into chunk copies from ``base``."""
+    n = req.shape[0]
+    for r_pos, b_pos, length in moved:
+        if length <= 0 or r_pos < 0 or b_pos < 0:
+            raise ValueError(f"moved span {(r_pos, b_pos, length)} must be non-negative")
+        r_end = min(r_pos + length, n, barrier)
+        b_end = min(b_pos + (r_end - r_pos), len(base))
+        r_end = r_pos + max(b_end - b_pos, 0)
+        if r_end <= max(r_pos, lo):
+            continue
+        at = np.arange(r_pos, r_end)
+        src = np.arange(b_pos, b_end)
+        ok = (kind[at] == _RECOMPUTE) & (req[at] == base.tokens[src]) & (at >= lo)
+        if forbidden is not None and forbidden.size:
+            slots = base.slots[src]
+            hit = np.minimum(np.searchsorted(forbidden, slots), forbidden.size - 1)
+            ok &= forbidden[hit] != slots
+        at, src = at[ok], src[ok]
+        kind[at], src_slot[at], src_pos[at] = _CHUNK, base.slots[src], src
 
 
 def _chunk_hits(

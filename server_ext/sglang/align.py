@@ -2,11 +2,12 @@
 
 In SGLang the request arrives already tokenized with SGLang's own chat template, so the plugin
 cannot tokenize segment by segment. It aligns the session's previous token sequence (the base)
-with the request's tokens instead: every edit region that starts inside the base *prompt* is
-one edit; regions closer than ``merge_gap`` tokens merge (a truncation that keeps a head shares
-tokens with the original). Edits pair with the client's directives in order when the counts
-agree; when they do not and all directives share one mode, every edit gets that mode; otherwise
-the directives are ignored. The prompt stays the source of truth: each span is read off the two
+with the request's tokens instead: every edit region inside the base *prompt* is one edit;
+regions closer than ``merge_gap`` tokens merge (a truncation that keeps a head shares tokens
+with the original). The region at the prompt's end (the base's generation prompt and output
+against the history the client rendered) is the turn boundary, not a client edit. Edits pair
+with the client's directives in order when the counts agree; when they do not, every edit gets
+the directives' common mode, or FORGET when the modes are mixed. The prompt stays the source of truth: each span is read off the two
 token sequences, so applying the edits to the base always yields the request's tokens.
 
 The diff is vectorised (numpy, no per-token Python loop; 16K tokens in well under a
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-__all__ = ["TokenEdit", "align_edits", "edit_regions"]
+__all__ = ["Alignment", "TokenEdit", "align_edits", "edit_regions", "moved_spans"]
 
 _MAX_RUNS = 256  # the chain search is O(runs^2) in Python: beyond this, the longest runs
 _HASH_SEED = 0x5EED_1E71
@@ -163,6 +164,20 @@ def edit_regions(
     return [(r[0], r[1], r[2], r[3]) for r in regions]
 
 
+@dataclass(frozen=True, slots=True)
+class Alignment:
+    """The client's directives as token edits.
+
+    ``paired``: one edit per client directive, in order (outcomes are reported per directive);
+    otherwise the edits are served together and reported once for all directives. ``reason``
+    explains an empty or merged result.
+    """
+
+    edits: tuple[TokenEdit, ...]
+    paired: bool
+    reason: str | None
+
+
 def align_edits(
     base: Sequence[int] | np.ndarray,
     base_prompt_len: int,
@@ -170,20 +185,49 @@ def align_edits(
     modes: Sequence[str],
     *,
     merge_gap: int = 16,
-) -> tuple[list[TokenEdit], str | None]:
-    """Token edits of ``base`` -> ``new`` with the client's modes, or ``([], reason)``."""
+) -> Alignment:
+    """Token edits of ``base`` -> ``new`` carrying the client's modes.
+
+    Regions that end within ``merge_gap`` tokens of the base prompt's end, or later, are the
+    turn boundary (the base's generation prompt and output against the history the client
+    rendered), never a client edit: they are served by ordinary matching and carry no mode.
+    When the region count differs from the directive count and the modes are mixed, every
+    region is served as FORGET (exact; costs speed, never leaks edited-away content).
+    """
     if not modes:
-        return [], None
-    regions = [r for r in edit_regions(base, new, merge_gap) if r[0] < base_prompt_len]
+        return Alignment((), True, None)
+    regions = [r for r in edit_regions(base, new, merge_gap) if r[1] <= base_prompt_len - merge_gap]
     if not regions:
-        return [], "the request's tokens show no edit inside the base prompt"
-    if len(regions) == len(modes):
-        paired = list(modes)
-    elif len(set(modes)) == 1:
-        paired = [modes[0]] * len(regions)
-    else:
-        return [], (
-            f"the token diff finds {len(regions)} edits but the payload has {len(modes)} "
-            "directives with mixed modes"
+        return Alignment(
+            (), False, "the request's tokens show no edit inside the base prompt before its end"
         )
-    return [TokenEdit(*r, m) for r, m in zip(regions, paired, strict=True)], None
+    if len(regions) == len(modes):
+        return Alignment(tuple(TokenEdit(*r, m) for r, m in zip(regions, modes, strict=True)),
+                         True, None)  # fmt: skip
+    uniform = len(set(modes)) == 1
+    mode = modes[0] if uniform else "forget"
+    why = (
+        f"the token diff finds {len(regions)} edits for {len(modes)} directives (edits closer "
+        f"than {merge_gap} tokens merge); served together as {mode}"
+    )
+    return Alignment(tuple(TokenEdit(*r, mode) for r in regions), False, why)
+
+
+def moved_spans(
+    base: Sequence[int] | np.ndarray,
+    new: Sequence[int] | np.ndarray,
+    lo: int,
+    hi: int,
+    min_len: int = 32,
+) -> list[tuple[int, int, int]]:
+    """Blocks of ``new[lo:hi]`` (an edit's replacement) found verbatim in ``base``, as
+    ``(request_pos, base_pos, length)`` with ``length >= min_len``: content the edit moved.
+
+    Anchored like the diff (k-grams unique in both), so a moved message is found whole; the
+    planner verifies every token again before copying.
+    """
+    a, b = _ids(base), _ids(new)[lo:hi]
+    k = min(max(min_len // 2, 2), 32)
+    if min(len(a), len(b)) < max(k, min_len):
+        return []
+    return [(lo + j, i, s) for i, j, s in _matching_blocks(a, b, k) if s >= min_len]

@@ -16,12 +16,11 @@ with such a request the exact match is extended, token by token from its end:
 
 from __future__ import annotations
 
-import json
 import logging
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,8 +38,10 @@ from leyline.server.core.index import ContentIndex
 from leyline.server.core.kernels.splice import splice_kv
 from leyline.server.core.layout import KVLayout
 from leyline.server.core.rope import RopeSpec
-from leyline.server.sglang.align import align_edits
+from leyline.server.sglang.align import align_edits, moved_spans
 from leyline.server.sglang.payload import PayloadError, RequestOptions, parse_custom_params
+from leyline.server.sglang.request_state import RequestState
+from leyline.server.sglang.windows import WINDOW_ATTR, next_step
 
 __all__ = ["APPROX_SUFFIX", "LeylineCacheConfig", "LeylineRadixCache", "PoolBinding"]
 
@@ -58,8 +59,16 @@ class LeylineCacheConfig:
     max_sessions: int = 4096
     merge_gap: int = 16
     kernel_impl: str = "auto"
+    min_copy_run: int = 256  # shorter copy runs behind a window are recomputed
+    max_windows: int = 8  # recompute windows (extra prefill rounds) per request
+    min_moved_run: int = 32  # moved spans shorter than this are left to the content index
 
     def __post_init__(self) -> None:
+        if self.min_copy_run < 1 or self.max_windows < 0 or self.min_moved_run < 8:
+            raise ValueError(
+                "need min_copy_run >= 1, max_windows >= 0 and min_moved_run >= 8, got "
+                f"{self.min_copy_run}, {self.max_windows}, {self.min_moved_run}"
+            )
         if self.max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if self.merge_gap < 0:
@@ -91,30 +100,6 @@ class PoolBinding:
             int(pool.v_head_dim), 0, rope.rotary_dim,
         )  # fmt: skip
         return cls(list(pool.k_buffer), list(pool.v_buffer), layout, rope)
-
-
-@dataclass
-class _Accounting:
-    exact: int = 0
-    spliced: int = 0
-    chunk_reused: int = 0
-    recomputed: int = 0
-    directives: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_wire(self, opts: RequestOptions | None) -> dict[str, Any]:
-        return {
-            "session": None if opts is None else opts.session,
-            "version": None if opts is None else opts.version,
-            "tokens": {
-                "exact": self.exact,
-                "spliced": self.spliced,
-                "chunk_reused": self.chunk_reused,
-                "recomputed": self.recomputed,
-            },
-            "directives": self.directives,
-            "notes": self.notes,
-        }
 
 
 class _Sessions:
@@ -209,26 +194,57 @@ class LeylineRadixCache(RadixCache):
         res = super().match_prefix(MatchPrefixParams(key=key, cow_mamba=params.cow_mamba))
         raw = key.raw_token_ids()
         tokens = _ids(raw) if len(key) else np.zeros(0, np.int64)
-        state: _Accounting | None = getattr(req, _STATE_ATTR, None)
+        state: RequestState | None = getattr(req, _STATE_ATTR, None)
         first = state is None
-        acct = _Accounting(exact=len(res.device_indices))
+        if state is None:
+            state = RequestState(opts, prompt_len=len(req.origin_input_ids))
+            setattr(req, _STATE_ATTR, state)
         if self.binding is not None and len(tokens) > len(res.device_indices):
-            res = self._extend(tokens, raw, res, opts, ns, acct, record=first)
+            res = self._seed(raw, res, ns)
+            if first:
+                state.exact = len(res.device_indices)
+                self._prepare(state, tokens)
+            res = self._advance(req, state, tokens, raw, res, ns)
+        elif first:
+            state.exact = len(res.device_indices)
         if first:
-            acct.recomputed = len(tokens) - len(res.device_indices)
-            setattr(req, _STATE_ATTR, acct)
-            info = dict(req.customized_info or {})
-            info["leyline"] = [json.dumps(acct.to_wire(opts))]
-            req.customized_info = info
+            state.publish(req)
             if opts.session is not None and opts.version is not None:
                 full = req.origin_input_ids + req.output_ids
                 self.sessions.record(opts.session, opts.version, full, len(req.origin_input_ids))
         return res
 
+    def cache_unfinished_req(self, req: Any, chunked: bool = False) -> None:
+        super().cache_unfinished_req(req, chunked)
+        state: RequestState | None = getattr(req, _STATE_ATTR, None)
+        if state is None or self.disable or self.binding is None:
+            return
+        if state.window_end is None or len(req.prefix_indices) != state.window_end:
+            return  # no window, or SGLang's own chunk budget ended this chunk inside it
+        # The window is prefilled: continue the plan behind it (see windows.py).
+        _set_window(req, state, None)
+        fill = req.full_untruncated_fill_ids
+        key = RadixKey(fill, req.extra_key, limit=len(fill) - 1)  # SGLang keeps the last token
+        res = super().match_prefix(MatchPrefixParams(key=key))
+        raw = key.raw_token_ids()
+        out = self._advance(req, state, _ids(raw), raw, res, req.extra_key)
+        new, n_old = out.device_indices, len(req.prefix_indices)
+        if len(new) > n_old:
+            self.req_to_token_pool.write(
+                (req.req_pool_idx, slice(n_old, len(new))), new[n_old:].to(torch.int32)
+            )
+            self.dec_lock_ref(req.last_node)
+            self.inc_lock_ref(out.last_device_node)
+            req.prefix_indices, req.last_node = new, out.last_device_node
+            req.cache_protected_len = len(new)
+        state.publish(req)
+
     def cache_finished_req(
         self, req: Any, is_insert: bool = True, *, kv_len_to_handle: int
     ) -> None:
         super().cache_finished_req(req, is_insert, kv_len_to_handle=kv_len_to_handle)
+        if getattr(req, WINDOW_ATTR, None) is not None:
+            setattr(req, WINDOW_ATTR, None)  # finished or aborted mid-plan: no more windows
         if self.disable:
             return
         opts = getattr(req, "_leyline_opts", None)
@@ -268,107 +284,129 @@ class LeylineRadixCache(RadixCache):
         req._leyline_opts = opts
         return opts
 
-    def _extend(
+    def _seed(self, raw: Any, res: MatchResult, ns: str) -> MatchResult:
+        """Copy a longer exact match of the plain namespace into the request's (delta 0)."""
+        exact_res = super().match_prefix(MatchPrefixParams(key=RadixKey(raw, _tenant_key(ns))))
+        lo, hi = len(res.device_indices), len(exact_res.device_indices)
+        if hi <= lo:
+            return res
+        src = exact_res.device_indices[lo:hi]
+        ns_key = RadixKey(raw, ns)
+        if self._fill(res, src, np.zeros(hi - lo, np.int64), [exact_res.last_device_node], ns_key):
+            return super().match_prefix(MatchPrefixParams(key=ns_key))
+        return res
+
+    def _base(self, state: RequestState, ns: str) -> tuple[Any, TreeNode | None]:
+        """The session's base version as a planner `CachedSequence` (its still cached part)."""
+        from leyline.server.core.planner import CachedSequence
+
+        if state.base_tokens is None:
+            return None, None
+        b_tokens = state.base_tokens
+        b_res = super().match_prefix(MatchPrefixParams(key=RadixKey(_arr(b_tokens), ns)))
+        b_slots = b_res.device_indices
+        seq = CachedSequence(tokens=b_tokens[: len(b_slots)], slots=b_slots.cpu().numpy())
+        return seq, b_res.last_device_node
+
+    def _prepare(self, state: RequestState, tokens: np.ndarray) -> None:
+        """Once per request: map the client's directives onto the base (token diff)."""
+        from leyline.server.core.planner import Mode, TokenDirective
+
+        opts = state.opts
+        if opts.session is None or opts.base_version is None:
+            return
+        base = self.sessions.get(opts.session, opts.base_version)
+        if base is None:
+            why = f"session {opts.session!r} has no cached base version {opts.base_version}"
+            state.base_missing = why
+            if opts.modes:
+                state.note(f"{why} (evicted or never served here): directives ignored")
+            return
+        b_tokens, b_prompt = base
+        state.base_tokens = b_tokens  # kept: the session may record newer versions meanwhile
+        cfg = self.leyline_config
+        al = align_edits(b_tokens, b_prompt, tokens, opts.modes, merge_gap=cfg.merge_gap)
+        state.alignment = al
+        if al.reason is not None:
+            state.note(al.reason)
+        state.directives = [
+            TokenDirective(
+                e.start, e.end, tokens[e.new_start : e.new_end].copy(),
+                Mode.AMORTIZE if e.mode == "amortize" else Mode.FORGET,
+            )
+            for e in al.edits
+        ]  # fmt: skip
+        for e in al.edits:
+            if e.mode == "amortize" and e.new_end - e.new_start >= cfg.min_moved_run:
+                state.moved.extend(
+                    moved_spans(b_tokens, tokens, e.new_start, e.new_end, cfg.min_moved_run)
+                )
+
+    def _advance(
         self,
+        req: Any,
+        state: RequestState,
         tokens: np.ndarray,
         raw: Any,
         res: MatchResult,
-        opts: RequestOptions,
         ns: str,
-        acct: _Accounting,
-        *,
-        record: bool,
     ) -> MatchResult:
-        from leyline.server.core.planner import CachedSequence, Mode, TokenDirective, build_plan
+        """Plan from the current match end, fill the copy runs there, record the next window."""
+        from leyline.server.core.planner import build_plan
 
-        # ``raw`` is the key's own array("q") (``tokens`` views it): no copy per radix lookup.
+        cfg = self.leyline_config
         ns_key = RadixKey(raw, ns)
-        # 1. seed from the plain namespace (exact KV at the same positions: delta 0).
-        exact_res = super().match_prefix(MatchPrefixParams(key=RadixKey(raw, _tenant_key(ns))))
-        if len(exact_res.device_indices) > len(res.device_indices):
-            lo, hi = len(res.device_indices), len(exact_res.device_indices)
-            src = exact_res.device_indices[lo:hi]
-            if self._fill(
-                tokens, res, src, np.zeros(hi - lo, np.int64), [exact_res.last_device_node], ns_key
-            ):
-                res = super().match_prefix(MatchPrefixParams(key=ns_key))
-                acct.exact = len(res.device_indices)
-        # 2. plan with the session base and the content index.
-        base_seq, base_node, directives = None, None, []
-        if opts.session is not None and opts.base_version is not None:
-            base = self.sessions.get(opts.session, opts.base_version)
-            if base is None:
-                why = f"session {opts.session!r} has no cached base version {opts.base_version}"
-                acct.directives = [
-                    {"index": i, "status": "ignored", "reason": why} for i in range(len(opts.modes))
-                ]
-                acct.notes.append(f"{why} (evicted or never served here): directives ignored")
-            else:
-                b_tokens, b_prompt = base
-                b_res = super().match_prefix(MatchPrefixParams(key=RadixKey(_arr(b_tokens), ns)))
-                b_slots = b_res.device_indices
-                base_node = b_res.last_device_node
-                base_seq = CachedSequence(
-                    tokens=b_tokens[: len(b_slots)], slots=b_slots.cpu().numpy()
-                )
-                edits, why = align_edits(
-                    b_tokens, b_prompt, tokens, opts.modes, merge_gap=self.leyline_config.merge_gap
-                )
-                if why is not None:
-                    acct.directives = [
-                        {"index": i, "status": "ignored", "reason": why}
-                        for i in range(len(opts.modes))
-                    ]
-                    acct.notes.append(f"directives ignored: {why}")
-                directives = [
-                    TokenDirective(
-                        e.start, e.end, tokens[e.new_start : e.new_end].copy(),
-                        Mode.AMORTIZE if e.mode == "amortize" else Mode.FORGET,
-                    )
-                    for e in edits
-                ]  # fmt: skip
-        exact_len = len(res.device_indices)
+        base_seq, base_node = self._base(state, ns)
+        directives = state.directives if base_seq is not None else []
+        if base_seq is not None and directives and directives[-1].end > len(base_seq):
+            # Part of the base version's KV was evicted: only edits inside what is left apply.
+            keep = [d for d in directives if d.end <= len(base_seq)]
+            directives = directives[: len(keep)]
+            state.shortfall("the base version's KV was partly evicted")
+        use_index = state.opts.content_reuse and cfg.content_reuse
         for attempt in range(2):
+            exact_len = len(res.device_indices)
             plan = build_plan(
                 tokens,
                 exact_len=exact_len,
                 exact_slots=res.device_indices.cpu().numpy(),
                 base=base_seq,
                 directives=directives,
-                index=self.index
-                if (opts.content_reuse and self.leyline_config.content_reuse)
-                else None,
+                index=self.index if use_index else None,
                 salt=_tenant(ns),
+                moved=state.moved if base_seq is not None else (),
             )
-            src, delta, kinds = _leading_runs(plan, exact_len)
-            if record and attempt == 0 and directives:
-                acct.directives = [
-                    {"index": i, "status": o.status, "reason": o.reason}
-                    for i, o in enumerate(plan.outcomes)
-                ]
-            if not len(src):
-                return res
-            donors = [res.last_device_node] + ([base_node] if base_node is not None else [])
-            if self._fill(
-                tokens,
-                res,
-                torch.as_tensor(src, dtype=torch.int64),
-                delta,
-                donors,
-                ns_key,
-                evict=attempt == 0,
-            ):
-                out = super().match_prefix(MatchPrefixParams(key=ns_key))
-                acct.spliced += int((kinds == 0).sum())
-                acct.chunk_reused += int((kinds == 1).sum())
-                return out
-            # eviction may have dropped chunk donors from the index: re-plan once.
-        acct.notes.append(f"no free KV slots for a {len(src)}-token extension: exact match served")
+            if not state.outcomes and directives and base_seq is not None:
+                state.outcomes, state.base_len = plan.outcomes, len(base_seq)
+            step = next_step(plan, exact_len, min_copy_run=cfg.min_copy_run,
+                             windows_left=cfg.max_windows - state.windows)  # fmt: skip
+            if step.skipped:
+                state.shortfall(
+                    f"{step.skipped} copy tokens behind a window recomputed (runs under "
+                    f"{cfg.min_copy_run} tokens, or over {cfg.max_windows} windows)"
+                )
+            if len(step):
+                donors = [res.last_device_node] + ([base_node] if base_node is not None else [])
+                src = torch.as_tensor(step.src)
+                if not self._fill(res, src, step.delta, donors, ns_key, evict=attempt == 0):
+                    if attempt == 0:
+                        continue  # eviction may have dropped chunk donors: re-plan once
+                    state.shortfall("no free KV slots for the copy")
+                    state.note(f"no free KV slots for a {len(step)}-token copy: recomputed")
+                    _set_window(req, state, None)
+                    return res
+                res = super().match_prefix(MatchPrefixParams(key=ns_key))
+                state.mark(np.arange(exact_len, exact_len + len(step)), step.kinds)
+            if step.window_end is not None and step.window_end > len(res.device_indices):
+                state.windows += 1
+                _set_window(req, state, step.window_end)
+            else:
+                _set_window(req, state, None)
+            return res
         return res
 
     def _fill(
         self,
-        tokens: np.ndarray,
         res: MatchResult,
         src: torch.Tensor,
         delta: np.ndarray,
@@ -393,16 +431,11 @@ class LeylineRadixCache(RadixCache):
                 logger.info("leyline: no free KV slots for a %d-token extension", n)
                 return False
             dev = self.binding.k[0].device
-            src_d = src.to(dev)
-            dst_d = dst.to(dev)
-            delta_t = torch.as_tensor(delta, dtype=torch.int64, device=dev)
-            inv_freq = self._inv_freq.get(dev)
-            if inv_freq is None:  # once per device, not a host-to-device copy per request
-                inv_freq = self._inv_freq[dev] = self.binding.rope.inv_freq_tensor(dev)
             splice_kv(
-                self.binding.k, self.binding.v, src_d, dst_d, delta_t,
+                self.binding.k, self.binding.v, src.to(dev), dst.to(dev),
+                torch.as_tensor(delta, dtype=torch.int64, device=dev),
                 layout=self.binding.layout,
-                inv_freq=inv_freq,
+                inv_freq=self._inv_freq_on(dev),
                 interleaved=self.binding.rope.interleaved,
                 impl=self.leyline_config.kernel_impl,
             )  # fmt: skip
@@ -415,29 +448,35 @@ class LeylineRadixCache(RadixCache):
             for d in locked:
                 self.dec_lock_ref(d)
 
+    def _inv_freq_on(self, dev: torch.device) -> torch.Tensor:
+        assert self.binding is not None
+        inv_freq = self._inv_freq.get(dev)
+        if inv_freq is None:  # once per device, not a host-to-device copy per request
+            inv_freq = self._inv_freq[dev] = self.binding.rope.inv_freq_tensor(dev)
+        return inv_freq
 
-def _leading_runs(plan: Any, start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source slots, per-token delta and kind (0 spliced, 1 chunk) of the contiguous runs at
-    ``start``: SGLang prefills one tail, so runs after the first recompute run are unusable."""
-    src: list[np.ndarray] = []
-    delta: list[np.ndarray] = []
-    kinds: list[np.ndarray] = []
-    pos = start
-    for run in plan.runs:
-        if run.end <= start:
-            continue
-        if run.start != pos or run.kind not in ("spliced", "chunk"):
-            break
-        s = np.asarray(run.src_slots, dtype=np.int64)
-        p = np.asarray(run.src_positions, dtype=np.int64)
-        src.append(s)
-        delta.append(np.arange(run.start, run.end, dtype=np.int64) - p)
-        kinds.append(np.full(len(s), 0 if run.kind == "spliced" else 1, np.int8))
-        pos = run.end
-    if not src:
-        z = np.zeros(0, np.int64)
-        return z, z, z.astype(np.int8)
-    return np.concatenate(src), np.concatenate(delta), np.concatenate(kinds)
+    def warm_up(self) -> None:
+        """Compile the splice kernel now, not inside the first request (a ~1 s stall was seen).
+
+        Splices the reserved padding slot 0 onto itself with delta 0 (its rows stay bit-equal);
+        the launcher makes every later call run this same compiled variant.
+        """
+        if self.binding is None:
+            return
+        dev = self.binding.k[0].device
+        zero = torch.zeros(1, dtype=torch.int64, device=dev)
+        splice_kv(
+            self.binding.k, self.binding.v, zero, zero, zero,
+            layout=self.binding.layout, inv_freq=self._inv_freq_on(dev),
+            interleaved=self.binding.rope.interleaved, impl=self.leyline_config.kernel_impl,
+        )  # fmt: skip
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+
+def _set_window(req: Any, state: RequestState, end: int | None) -> None:
+    state.window_end = end
+    setattr(req, WINDOW_ATTR, end)
 
 
 def _ids(tokens: Any) -> np.ndarray:

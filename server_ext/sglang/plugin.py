@@ -3,9 +3,11 @@
 Entry point (pyproject): ``[project.entry-points."sglang.srt.plugins"] leyline =
 "leyline.server.sglang.plugin:register"``. SGLang calls `register` with no arguments in the
 main process and in every scheduler process, and swallows its exceptions, so failures are
-logged here as errors that name the cause before being re-raised. In the main process (the one
-that serves HTTP) it also registers the response hooks (`response.install_response_hooks`) and
-the ``/v1/leyline`` routes.
+logged here as errors that name the cause before being re-raised. Everywhere it registers the
+prefill-adder hooks that end a chunk at a recompute window (`windows.install_window_hooks`);
+in the main process (the one that serves HTTP) also the response hooks
+(`response.install_response_hooks`) and the ``/v1/leyline`` routes. The backend factory
+compiles the splice kernel when the cache is built (`LeylineRadixCache.warm_up`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from leyline.server.core.rope import UnsupportedRope
 from leyline.server.sglang.cache import LeylineCacheConfig, LeylineRadixCache, PoolBinding
 from leyline.server.sglang.rotary import rope_specs_from_model
+from leyline.server.sglang.windows import install_window_hooks
 
 __all__ = [
     "BACKEND_NAME",
@@ -102,7 +105,9 @@ def leyline_cache_factory(ctx: Any) -> Any:
     pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
     binding = PoolBinding.from_pool(pool, specs[0])
     logger.info("leyline: radix cache on %s, %s", type(pool).__name__, binding.layout)
-    return LeylineRadixCache(ctx.params, binding, LeylineCacheConfig())
+    cache = LeylineRadixCache(ctx.params, binding, LeylineCacheConfig())
+    cache.warm_up()  # compile the splice kernel at start-up, not in the first request
+    return cache
 
 
 def _install_routes_before_launch(*_args: Any, **_kwargs: Any) -> None:
@@ -144,6 +149,9 @@ def register() -> None:
             register_radix_cache_backend(BACKEND_NAME, leyline_cache_factory)
         if get_radix_cache_factory(BACKEND_NAME) is not leyline_cache_factory:
             raise RuntimeError(f"another factory is registered under {BACKEND_NAME!r}")
+        # The prefill adder runs in the scheduler processes; the hooks only act on requests
+        # the leyline cache gave a window end (windows.py), so they are harmless elsewhere.
+        install_window_hooks()
         # Scheduler processes are children; only the main process serves HTTP.
         if multiprocessing.parent_process() is None:
             _register_http()

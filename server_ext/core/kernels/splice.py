@@ -29,7 +29,8 @@ heads. Rounding to the storage dtype is round-to-nearest-even, as torch (the Tri
 interpreter truncates instead, so interpreted results may sit one bf16 ulp off).
 
 Bytes moved: ``n * layout.bytes_per_token(itemsize)`` read plus the same written (plus 24 B of
-indices per token), i.e. exactly a gather/scatter copy; the rotation is free when the kernel
+indices per token, packed by the launcher into one ``(3, n)`` int64 buffer so that every call
+runs the same compiled variant), i.e. exactly a gather/scatter copy; the rotation is free when the kernel
 is bandwidth bound. Preconditions the launcher cannot check without a device sync: slot
 indices in range, ``dst`` disjoint from ``src`` and free of duplicates.
 """
@@ -179,10 +180,15 @@ if triton is not None:
         x = tl.load(src_row[:, :, None] + cols[None, None, :], mask=mask)
         tl.store(dst_row[:, :, None] + cols[None, None, :], x, mask=mask)
 
-    @triton.jit
+    # NOTE: ``n`` is not specialized (Triton would otherwise build variants for n == 1 and
+    # n % 16 == 0), and the indices arrive packed in one launcher-owned buffer, so no argument's
+    # alignment or value varies between calls: one compiled variant per pool (a recompile inside
+    # SGLang's scheduler stalled it 0.6-0.9 s).
+    @triton.jit(do_not_specialize=["n"])
     def _splice_kernel(
         k_table_ptr, v_table_ptr, base_ptr,  # per-layer offsets (in UNITs) from base_ptr = k[0]
-        src_ptr, dst_ptr, delta_ptr, inv_freq_ptr,
+        idx_ptr,  # (3, n) int64: src slots, dst slots, delta
+        inv_freq_ptr,
         n,
         stride_k_slot, stride_k_head, stride_v_slot, stride_v_head,
         KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -196,8 +202,8 @@ if triton is not None:
         layer = tl.program_id(1)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         t_mask = t < n
-        src = tl.load(src_ptr + t, mask=t_mask, other=0).to(tl.int64)
-        dst = tl.load(dst_ptr + t, mask=t_mask, other=0).to(tl.int64)
+        src = tl.load(idx_ptr + t, mask=t_mask, other=0)
+        dst = tl.load(idx_ptr + n + t, mask=t_mask, other=0)
         h = tl.arange(0, BLOCK_H)
         row_mask = t_mask[:, None] & (h < KV_HEADS)[None, :]
         if tl.program_id(2) == 0:
@@ -212,7 +218,7 @@ if triton is not None:
                 _copy_cols(src_row, dst_row, row_mask, POST_START, POST, BLOCK_POST)
             if HALF > 0:
                 j = tl.arange(0, BLOCK_HALF)
-                d = tl.load(delta_ptr + t, mask=t_mask, other=0).to(tl.float32)
+                d = tl.load(idx_ptr + 2 * n + t, mask=t_mask, other=0).to(tl.float32)
                 freq = tl.load(inv_freq_ptr + j, mask=j < HALF, other=0.0)
                 angle = d[:, None] * freq[None, :]  # fp32, as the reference
                 if USE_LIBDEVICE:  # NOTE: full-range accurate sin/cos (angles reach 1e4 rad)
@@ -328,19 +334,43 @@ def splice_kv_triton(
         )
     if pointers is None:
         pointers = _build_pointers(k, v)
+    grid, args, meta = _kernel_args(k, v, src, dst, delta, layout, inv_freq, interleaved,
+                                    pointers, block_t, on_cpu)  # fmt: skip
+    _splice_kernel[grid](*args, **meta, num_warps=num_warps)
+
+
+def _kernel_args(
+    k: Sequence[Tensor],
+    v: Sequence[Tensor] | None,
+    src: Tensor,
+    dst: Tensor,
+    delta: Tensor,
+    layout: KVLayout,
+    inv_freq: Tensor,
+    interleaved: bool,
+    pointers: KVPointers,
+    block_t: int | None,
+    on_cpu: bool,
+) -> tuple[tuple[int, int, int], tuple[object, ...], dict[str, object]]:
+    """Grid, runtime arguments and constexprs of one launch (also read by the specialization
+    test: the runtime arguments must look the same to Triton for any ``n`` and any slicing)."""
     half = layout.rope_dim // 2
     post_start = layout.rope_offset + layout.rope_dim
     width = layout.rope_offset + 2 * _pow2(half) + (layout.head_dim - post_start)
     block_h = _pow2(layout.kv_heads)
     if block_t is None:
         block_t = min(64, max(1, _pow2(_ELEMS_PER_PROGRAM // (block_h * width) + 1) // 2))
+    n = src.numel()
     kv = v[0] if v is not None else k[0]
     grid = (triton.cdiv(n, block_t), layout.num_layers, 2 if v is not None else 1)
-    _splice_kernel[grid](
+    # One fresh (hence aligned) int64 buffer: slices of SGLang's free list arrive at any offset.
+    idx = torch.stack((src.to(torch.int64), dst.to(torch.int64), delta.to(torch.int64)))
+    args = (
         pointers.k_table, pointers.v_table if v is not None else pointers.k_table, k[0],
-        src, dst, delta, inv_freq,
-        n,
+        idx, inv_freq, n,
         k[0].stride(0), k[0].stride(1), kv.stride(0), kv.stride(1),
+    )  # fmt: skip
+    meta: dict[str, object] = dict(
         KV_HEADS=layout.kv_heads, BLOCK_H=block_h,
         ROPE_OFFSET=layout.rope_offset, HALF=half, BLOCK_HALF=_pow2(half),
         BLOCK_PRE=_pow2(layout.rope_offset),
@@ -349,8 +379,8 @@ def splice_kv_triton(
         V_DIM=layout.v_head_dim, BLOCK_V=_pow2(layout.v_head_dim),
         INTERLEAVED=interleaved, HAS_V=v is not None, UNIT=pointers.unit,
         BLOCK_T=block_t, USE_LIBDEVICE=not on_cpu,
-        num_warps=num_warps,
     )  # fmt: skip
+    return grid, args, meta
 
 
 def splice_kv(

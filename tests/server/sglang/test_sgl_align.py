@@ -12,7 +12,7 @@ from _sglang_support import require_sglang
 
 require_sglang()
 
-from leyline.server.sglang.align import align_edits, edit_regions  # noqa: E402
+from leyline.server.sglang.align import align_edits, edit_regions, moved_spans  # noqa: E402
 
 
 def _difflib_regions(base, new, merge_gap: int = 16) -> list[tuple[int, int, int, int]]:
@@ -69,15 +69,59 @@ def test_align_edits_accepts_sglang_arrays_and_pairs_modes() -> None:
     rng = np.random.default_rng(3)
     base = rng.integers(5, 90_000, 1333)
     new = np.concatenate([base[:100], base[140:700], rng.integers(5, 90_000, 9), base[760:]])
-    edits, why = align_edits(array("q", base.tolist()), 1333, array("q", new.tolist()),
-                             ["amortize", "forget"])  # fmt: skip
-    assert why is None
-    assert [(e.start, e.end, e.new_start, e.new_end, e.mode) for e in edits] == [
+    al = align_edits(array("q", base.tolist()), 1333, array("q", new.tolist()),
+                     ["amortize", "forget"])  # fmt: skip
+    assert al.reason is None and al.paired
+    assert [(e.start, e.end, e.new_start, e.new_end, e.mode) for e in al.edits] == [
         (100, 140, 100, 100, "amortize"),
         (700, 760, 660, 669, "forget"),
     ]
-    _, why = align_edits(base, 1333, base, ["amortize"])
-    assert why is not None and "no edit" in why
+    al = align_edits(base, 1333, base, ["amortize"])
+    assert not al.edits and "no edit" in al.reason
+
+
+def test_the_turn_boundary_is_not_a_client_edit() -> None:
+    """The base ends with a generation prompt and its output; the next request renders that
+    turn as history and appends a new one. That region is no client edit: one directive sent,
+    one edit found (it was reported as two or three, and mixed modes were then all ignored)."""
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(5, 90_000, 900)
+    gen_prompt, output = [11, 12, 13], [77]
+    base = np.concatenate([prompt, gen_prompt, output])
+    history = np.concatenate([prompt[:200], prompt[260:], [11, 12, 14, 15], [77, 78, 2]])
+    new = np.concatenate([history, rng.integers(5, 90_000, 50)])
+    for modes in (["amortize"], ["forget"]):
+        al = align_edits(base, len(prompt) + 3, new, modes)
+        assert al.paired and [(e.start, e.end, e.mode) for e in al.edits] == [(200, 260, modes[0])]
+    # Two directives in order, mixed modes: paired one to one.
+    new2 = np.concatenate([history[:500], rng.integers(5, 90_000, 7), history[520:]])
+    al = align_edits(base, len(prompt) + 3, new2, ["amortize", "forget"])
+    assert al.paired and [e.mode for e in al.edits] == ["amortize", "forget"]
+
+
+def test_mixed_modes_that_do_not_pair_are_served_as_forget() -> None:
+    rng = np.random.default_rng(6)
+    base = rng.integers(5, 90_000, 1000)
+    new = np.concatenate([base[:100], base[110:115], base[120:]])  # 5 kept tokens: one edit
+    al = align_edits(base, 1000, new, ["amortize", "forget"])
+    assert not al.paired and [e.mode for e in al.edits] == ["forget"]
+    assert "1 edits for 2 directives" in al.reason
+    al = align_edits(base, 1000, new, ["amortize", "amortize"])
+    assert [e.mode for e in al.edits] == ["amortize"]
+
+
+def test_moved_spans_find_a_moved_block_whole() -> None:
+    rng = np.random.default_rng(8)
+    p, a, b, c = (rng.integers(5, 90_000, n) for n in (100, 300, 250, 200))
+    base = np.concatenate([p, a, b, c])
+    new = np.concatenate([p, b, a, c, rng.integers(5, 90_000, 30)])
+    regions = edit_regions(base, new)
+    spans = [s for r in regions for s in moved_spans(base, new, r[2], r[3])]
+    covered = sum(length for _, _, length in spans)
+    for r_pos, b_pos, length in spans:
+        assert new[r_pos : r_pos + length].tolist() == base[b_pos : b_pos + length].tolist()
+    inserted = sum(r[3] - r[2] for r in regions) - 30
+    assert covered >= inserted - 2 * 16  # all of the moved block, up to a merge-gap edge
 
 
 def test_sixteen_k_token_edit_regions() -> None:

@@ -115,3 +115,35 @@ def test_cache_events(cls) -> None:
     assert kinds == ["BlockStored"] * 3 or kinds == ["BlockStored"]
     c.evict(EvictParams(num_tokens=3))
     assert "BlockRemoved" in {type(e).__name__ for e in c.take_events()}
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_chunked_prefill_without_payload_caches_like_sglang(cls) -> None:
+    """``cache_unfinished_req`` (overridden for middle windows) between two chunks, then
+    ``cache_finished_req``: same prefix, locks and free slots as SGLang's own cache."""
+    stack = mha_stack(size=64, layers=1, heads=1, head_dim=8, v_dim=8)
+    c = cls(stack.params)
+    serve(c, stack, make_req("a", list(range(1, 11))))
+    r = make_req("b", list(range(1, 31)))
+    r.init_next_round_input(c)
+    assert len(r.prefix_indices) == 10
+    c.inc_lock_ref(r.last_node)
+    (r.req_pool_idx,) = stack.req_to_token.alloc([r])
+    for end in (20, 30):  # two chunks: [10, 20) then [20, 30)
+        start = len(r.prefix_indices)
+        r.set_extend_range(start, end)
+        new = stack.alloc.alloc(end - start)
+        stack.req_to_token.write(
+            (r.req_pool_idx, slice(0, end)), torch.cat([r.prefix_indices, new]).to(torch.int32)
+        )
+        r.kv_committed_len = end
+        if end == 20:
+            c.cache_unfinished_req(r, chunked=True)
+            assert len(r.prefix_indices) == 20 and r.cache_protected_len == 20
+            assert c.protected_size() == 20
+            r.init_next_round_input()
+    c.cache_finished_req(r, kv_len_to_handle=30)
+    stack.req_to_token.free(r)
+    assert c.protected_size() == 0 and c.evictable_size() == 30
+    assert stack.invariant(c) == stack.size
+    assert len(m(c, list(range(1, 31))).device_indices) == 30

@@ -1,0 +1,340 @@
+"""Middle windows on SGLang 0.5.16's own scheduling classes: plans of the form
+``[exact][window][copy][window][copy]...[turn]`` served with only the windows prefilled.
+
+Each request goes through what the scheduler does with it: ``Req.init_next_round_input``
+(radix match), SGLang's real ``PrefillAdder`` (``add_one_req``, then ``add_chunked_req`` per
+round) with the plugin's hooks applied through SGLang's ``HookRegistry``, a forward step that
+allocates the round's slots and writes their KV, ``cache_unfinished_req`` between rounds and
+``cache_finished_req`` (or an abort's release) at the end. The forward is the only fake: a
+context-free model whose KV depends on (token id, position) only, written after SGLang's own
+rotary embedding. In such a model a fresh prefill gives ``key_at(token[p], p)`` at every
+position, so the final KV of every position is checked against that, and the rounds show what
+was actually prefilled.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from _sglang_support import install_vllm_ops_stub, make_req, mha_stack, require_sglang
+
+require_sglang()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sglang.srt.managers.schedule_batch import ScheduleBatch  # noqa: E402
+from sglang.srt.managers.schedule_policy import PrefillAdder  # noqa: E402
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams  # noqa: E402
+from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
+
+from leyline.server.sglang.cache import (  # noqa: E402
+    LeylineCacheConfig,
+    LeylineRadixCache,
+    PoolBinding,
+)
+from leyline.server.sglang.rotary import rope_spec_from_module  # noqa: E402
+from leyline.server.sglang.windows import WINDOW_ATTR, install_window_hooks  # noqa: E402
+
+VOCAB = 3000
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hooks() -> None:
+    from _sglang_support import set_server_args
+
+    install_vllm_ops_stub()
+    set_server_args()
+    install_window_hooks()
+    HookRegistry.apply_hooks()
+    assert PrefillAdder.add_one_req.__name__ == "add_one_req"
+    assert hasattr(PrefillAdder.add_one_req, "__wrapped__")  # patched by the registry
+
+
+class World:
+    """A real MHA pool + allocator + Leyline cache, and the context-free model."""
+
+    def __init__(self, size: int = 3000, config: LeylineCacheConfig | None = None) -> None:
+        from sglang.srt.layers.rotary_embedding import get_rope
+
+        self.stack = mha_stack(size=size, layers=2, heads=3, head_dim=40, v_dim=24,
+                               dtype=torch.float32)  # fmt: skip
+        self.rope = get_rope(40, 24, 8192, 10000, True, None, torch.float32)
+        binding = PoolBinding.from_pool(self.stack.pool, rope_spec_from_module(self.rope))
+        cfg = config or LeylineCacheConfig(min_copy_run=32, min_moved_run=16)
+        self.cache = LeylineRadixCache(self.stack.params, binding, cfg)
+        g = torch.Generator().manual_seed(11)
+        self.raw_k = [torch.randn(VOCAB, 3, 40, generator=g) for _ in range(2)]
+        self.raw_v = [torch.randn(VOCAB, 3, 24, generator=g) for _ in range(2)]
+        self.prefilled = 0  # tokens the forward computed
+
+    def key_at(self, layer: int, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        raw = self.raw_k[layer][tokens]
+        _, k = self.rope.forward_native(pos, torch.zeros_like(raw).flatten(1), raw.flatten(1))
+        return k.view_as(raw)
+
+    def forward(self, req) -> None:
+        """What prepare_for_extend + the model do for the round's extend range."""
+        s, e = req.extend_range.start, req.extend_range.end
+        prefix = req.prefix_indices
+        assert len(prefix) == s
+        if req.req_pool_idx is None:
+            (req.req_pool_idx,) = self.stack.req_to_token.alloc([req])
+        new = self.stack.alloc.alloc(e - s)
+        assert new is not None, "tests size their pools so a round always fits"
+        toks = torch.tensor(list(req.full_untruncated_fill_ids[s:e]))
+        pos = torch.arange(s, e)
+        for layer in range(2):
+            self.stack.pool.k_buffer[layer][new] = self.key_at(layer, toks, pos)
+            self.stack.pool.v_buffer[layer][new] = self.raw_v[layer][toks]
+        self.stack.req_to_token.write(
+            (req.req_pool_idx, slice(0, e)), torch.cat([prefix, new]).to(torch.int32)
+        )
+        req.kv_committed_len = e
+        self.prefilled += e - s
+
+    def adder(self, chunk: int | None) -> PrefillAdder:
+        return PrefillAdder(1, self.cache, self.stack.alloc, ScheduleBatch(reqs=[]), 0.5,
+                            10_000, chunk)  # fmt: skip
+
+    def serve(self, req, chunk: int | None = 4096, abort_after: int | None = None,
+              squeeze: bool = False):  # fmt: skip
+        """Admission + chunked prefill rounds; returns the rounds' extend ranges. ``squeeze``:
+        another request takes every free slot while the first round is cached."""
+        rounds = []
+        req.init_next_round_input(self.cache)
+        adder = self.adder(chunk)
+        adder.add_one_req(req, has_chunked_req=False, truncation_align_size=None)
+        assert adder.can_run_list == [req]
+        chunked = adder.new_chunked_req is req
+        while True:
+            self.forward(req)
+            rounds.append((req.extend_range.start, req.extend_range.end))
+            if not chunked:
+                break
+            grabbed = self.stack.alloc.alloc(self.stack.alloc.available_size()) if squeeze else None
+            self.cache.cache_unfinished_req(req, chunked=True)  # SGLang's stash
+            if grabbed is not None:
+                self.stack.alloc.free(grabbed)
+                squeeze = False
+            if abort_after is not None and len(rounds) == abort_after:
+                # process_pending_chunked_abort -> release_kv_cache(req, is_insert=False)
+                self.cache.cache_finished_req(req, is_insert=False,
+                                              kv_len_to_handle=req.kv_committed_len)  # fmt: skip
+                self.stack.req_to_token.free(req)
+                return rounds
+            req.init_next_round_input()
+            adder = self.adder(chunk)
+            chunked = adder.add_chunked_req(req) is req
+            assert adder.can_run_list == [req]
+        self.cache.cache_finished_req(req, kv_len_to_handle=req.kv_committed_len)
+        self.stack.req_to_token.free(req)
+        return rounds
+
+    def kv_of(self, tokens: list[int]) -> torch.Tensor:
+        """The request's slots, matched in its namespace after it finished."""
+        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+        from sglang.srt.mem_cache.radix_cache import RadixKey
+
+        from leyline.server.sglang.cache import APPROX_SUFFIX, _arr
+
+        res = self.cache.match_prefix(
+            MatchPrefixParams(key=RadixKey(_arr(np.array(tokens)), APPROX_SUFFIX))
+        )
+        return res.device_indices
+
+    def assert_fresh_prefill_kv(self, tokens: list[int]) -> None:
+        slots = self.kv_of(tokens)
+        assert len(slots) == len(tokens)
+        toks, pos = torch.tensor(tokens), torch.arange(len(tokens))
+        for layer in range(2):
+            torch.testing.assert_close(
+                self.stack.pool.k_buffer[layer][slots], self.key_at(layer, toks, pos),
+                rtol=1e-4, atol=1e-4,  # fp32 rounding of angles up to ~700 rad
+            )  # fmt: skip
+            assert torch.equal(self.stack.pool.v_buffer[layer][slots], self.raw_v[layer][toks])
+
+    def assert_no_leak(self) -> None:
+        c = self.cache
+        assert c.protected_size() == 0
+        assert self.stack.alloc.available_size() + c.evictable_size() == self.stack.size
+
+
+def _toks(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(5, VOCAB, n).tolist()
+
+
+def _payload(version: int, base: int | None, modes: list[str]) -> dict:
+    ds = [{"start": 1, "end": 2, "replacement": [1, 2], "mode": m} for m in modes]
+    return {"session": "s", "version": version, "base_version": base, "directives": ds}
+
+
+def _info(req) -> dict:
+    return json.loads(req.customized_info["leyline"][0])
+
+
+def _base(world: World, tokens: list[int]) -> None:
+    req = make_req("base", tokens, _payload(1, None, []))
+    world.serve(req)
+
+
+SYS, A, B, TURN = _toks(1, 60), _toks(2, 240), _toks(3, 300), _toks(4, 40)
+A_SHORT = _toks(5, 20)
+
+
+@pytest.mark.parametrize("chunk", [4096, 16, None])
+def test_replacement_prefills_only_the_window_and_the_turn(chunk) -> None:
+    """Truncating an old tool output: the short replacement is one window, the suffix after it
+    is spliced, the turn is prefilled; with a small SGLang chunk budget the window spans
+    several chunks; with chunked prefill off (None) the hooks give the budget."""
+    w = World()
+    base = SYS + A + B
+    _base(w, base)
+    new = SYS + A_SHORT + B + TURN
+    req = make_req("r2", new, _payload(2, 1, ["amortize"]))
+    w.prefilled = 0
+    rounds = w.serve(req, chunk=chunk)
+    info = _info(req)
+    t = info["tokens"]
+    assert info["windows"] == 1
+    assert info["directives"] == [
+        {"index": 0, "status": "applied", "reason": None, "spliced_tokens": len(B)}
+    ]
+    assert t["exact"] == len(SYS) and t["spliced"] == len(B)
+    assert t["recomputed"] == len(A_SHORT) + len(TURN) == w.prefilled
+    assert sum(t.values()) == len(new)
+    assert rounds[0][0] == len(SYS) and rounds[-1][1] == len(new)
+    window_end = len(SYS) + len(A_SHORT)
+    assert any(e == window_end for _s, e in rounds)
+    assert rounds[-1][0] >= window_end + len(B) or chunk == 16
+    assert getattr(req, WINDOW_ATTR) is None
+    w.assert_fresh_prefill_kv(new)
+    w.assert_no_leak()
+
+
+def test_two_windows_in_one_request() -> None:
+    w = World()
+    c = _toks(6, 200)
+    base = SYS + A + B + _toks(7, 50) + c
+    _base(w, base)
+    new = SYS + A_SHORT + B + _toks(8, 9) + c + TURN
+    req = make_req("r2", new, _payload(2, 1, ["amortize", "amortize"]))
+    w.prefilled = 0
+    rounds = w.serve(req)
+    info = _info(req)
+    assert info["windows"] == 2 and len(rounds) == 3
+    assert [d["status"] for d in info["directives"]] == ["applied", "applied"]
+    assert [d["spliced_tokens"] for d in info["directives"]] == [len(B), len(c)]
+    assert info["tokens"]["recomputed"] == w.prefilled == len(A_SHORT) + 9 + len(TURN)
+    w.assert_fresh_prefill_kv(new)
+    w.assert_no_leak()
+
+
+def test_mixed_amortize_and_forget_with_an_appended_turn() -> None:
+    """One outcome per client directive; FORGET recomputes from its edit on (exact)."""
+    w = World()
+    c = _toks(6, 200)
+    base = SYS + A + B + _toks(7, 50) + c
+    _base(w, base)
+    new = SYS + A_SHORT + B + _toks(8, 9) + c + TURN
+    req = make_req("r2", new, _payload(2, 1, ["amortize", "forget"]))
+    w.serve(req)
+    info = _info(req)
+    assert [(d["status"], d["spliced_tokens"]) for d in info["directives"]] == [
+        ("applied", len(B)), ("applied", 0)
+    ]  # fmt: skip
+    assert info["tokens"]["spliced"] == len(B)
+    assert info["tokens"]["recomputed"] == len(new) - len(SYS) - len(B)
+    w.assert_fresh_prefill_kv(new)
+
+
+def test_moved_block_is_copied_whole_without_windows() -> None:
+    """A message moved later: every token of it and around it is copied (one delta per run);
+    only the turn is prefilled."""
+    w = World()
+    c = _toks(6, 200)
+    base = SYS + A + B + c
+    _base(w, base)
+    new = SYS + B + A + c + TURN
+    req = make_req("r2", new, _payload(2, 1, ["amortize", "amortize"]))
+    w.prefilled = 0
+    rounds = w.serve(req)
+    t = _info(req)["tokens"]
+    assert t["spliced"] + t["chunk_reused"] >= len(B) + len(A) + len(c) - 32
+    assert w.prefilled == t["recomputed"] <= len(TURN) + 32
+    assert len(rounds) <= 2
+    w.assert_fresh_prefill_kv(new)
+    w.assert_no_leak()
+
+
+def test_abort_between_windows_leaks_nothing() -> None:
+    w = World()
+    c = _toks(6, 200)
+    base = SYS + A + B + _toks(7, 50) + c
+    _base(w, base)
+    new = SYS + A_SHORT + B + _toks(8, 9) + c + TURN
+    req = make_req("r2", new, _payload(2, 1, ["amortize", "amortize"]))
+    rounds = w.serve(req, abort_after=1)
+    assert len(rounds) == 1 and getattr(req, WINDOW_ATTR) is None
+    w.assert_no_leak()
+    w.cache.evict(EvictParams(num_tokens=10**6))
+    assert w.stack.alloc.available_size() == w.stack.size
+    # The session still serves the next request correctly.
+    req3 = make_req("r3", new, _payload(3, 1, ["amortize", "amortize"]))
+    w.serve(req3)
+    w.assert_fresh_prefill_kv(new)
+    w.assert_no_leak()
+
+
+def test_eviction_pressure_keeps_donors_and_invariant() -> None:
+    """The pool holds the base, unrelated cached content and little else: the splice behind
+    the window evicts the unrelated content, never the base it copies from."""
+    base = SYS + A + B
+    new = SYS + A_SHORT + B + TURN
+    size = len(base) + 120 + len(new) - len(SYS) + 8
+    w = World(size=size)
+    _base(w, base)
+    other = make_req("other", _toks(9, 120), None)
+    w.serve(other)
+    req = make_req("r2", new, _payload(2, 1, ["amortize"]))
+    w.prefilled = 0
+    w.serve(req)
+    info = _info(req)
+    assert info["directives"][0]["status"] == "applied"
+    assert w.prefilled == len(A_SHORT) + len(TURN)
+    w.assert_fresh_prefill_kv(new)
+    w.assert_no_leak()
+
+
+def test_a_full_pool_recomputes_and_says_why() -> None:
+    """No slot for the splice behind the window: the suffix is prefilled (same KV), and the
+    directive is not reported applied."""
+    w = World()
+    base = SYS + A + B
+    new = SYS + A_SHORT + B + TURN
+    _base(w, base)
+    req = make_req("r2", new, _payload(2, 1, ["amortize"]))
+    hold = make_req("hold", [*base, 1], _payload(9, None, []))  # the base cannot be evicted
+    hold.init_next_round_input(w.cache)
+    w.cache.inc_lock_ref(hold.last_node)
+    w.prefilled = 0
+    w.serve(req, squeeze=True)
+    assert w.prefilled == len(new) - len(SYS)
+    info = _info(req)
+    assert info["tokens"]["spliced"] == 0
+    assert info["directives"][0]["status"] == "ignored"
+    assert "no free KV slots" in info["directives"][0]["reason"], info
+    w.assert_fresh_prefill_kv(new)
+    w.cache.dec_lock_ref(hold.last_node)
+    w.assert_no_leak()
+
+
+def test_requests_without_payload_take_sglangs_path_under_the_hooks() -> None:
+    w = World()
+    plain = make_req("p", SYS + A + B, None)
+    rounds = w.serve(plain, chunk=100)
+    assert rounds == [(0, 100), (100, 200), (200, 300), (300, 400), (400, 500), (500, 600)]
+    assert not hasattr(plain, WINDOW_ATTR) and plain.customized_info is None
+    again = make_req("p2", SYS + A + B + TURN, None)
+    assert w.serve(again, chunk=4096) == [(len(SYS + A + B), len(SYS + A + B + TURN))]
+    w.assert_no_leak()
