@@ -14,6 +14,7 @@ class Environment:
     cache_dir: Path
     base_url: str
     api_key: str
+    sglang_verify_splices: bool = False  # LEYLINE_SGLANG_VERIFY_SPLICES=1: check every splice
 
     @classmethod
     def read(cls) -> Environment:
@@ -22,4 +23,5 @@ class Environment:
             cache_dir=Path(cache) if cache else Path.home() / ".cache" / "leyline",
             base_url=os.environ.get("LEYLINE_BASE_URL", "http://127.0.0.1:8000/v1"),
             api_key=os.environ.get("LEYLINE_API_KEY", "leyline"),
+            sglang_verify_splices=os.environ.get("LEYLINE_SGLANG_VERIFY_SPLICES", "0") == "1",
         )

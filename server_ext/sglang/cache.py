@@ -37,7 +37,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 from leyline.server.core.index import ContentIndex
 from leyline.server.core.kernels.splice import splice_kv
 from leyline.server.core.layout import KVLayout
-from leyline.server.core.rope import RopeSpec
+from leyline.server.core.rope import RopeSpec, rotate
 from leyline.server.sglang.align import align_edits, moved_spans
 from leyline.server.sglang.payload import PayloadError, RequestOptions, parse_custom_params
 from leyline.server.sglang.request_state import RequestState
@@ -62,6 +62,7 @@ class LeylineCacheConfig:
     min_copy_run: int = 256  # shorter copy runs behind a window are recomputed
     max_windows: int = 8  # recompute windows (extra prefill rounds) per request
     min_moved_run: int = 32  # moved spans shorter than this are left to the content index
+    verify_splices: bool = False  # check each splice against the core's torch rotate (slow)
 
     def __post_init__(self) -> None:
         if self.min_copy_run < 1 or self.max_windows < 0 or self.min_moved_run < 8:
@@ -150,6 +151,9 @@ class LeylineRadixCache(RadixCache):
         self.index = ContentIndex()
         self.sessions = _Sessions(config.max_sessions)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.splice_checks: dict[str, Any] = {
+            "rows": 0, "max_abs_err": 0.0, "bit_exact_outside_rope": True,
+        }  # fmt: skip
         super().__init__(params)
 
     @classmethod
@@ -397,6 +401,8 @@ class LeylineRadixCache(RadixCache):
                     return res
                 res = super().match_prefix(MatchPrefixParams(key=ns_key))
                 state.mark(np.arange(exact_len, exact_len + len(step)), step.kinds)
+                if cfg.verify_splices:
+                    state.checks = dict(self.splice_checks)
             if step.window_end is not None and step.window_end > len(res.device_indices):
                 state.windows += 1
                 _set_window(req, state, step.window_end)
@@ -439,6 +445,8 @@ class LeylineRadixCache(RadixCache):
                 interleaved=self.binding.rope.interleaved,
                 impl=self.leyline_config.kernel_impl,
             )  # fmt: skip
+            if self.leyline_config.verify_splices:
+                self._verify(src.to(dev), dst.to(dev), torch.as_tensor(delta, device=dev))
             lo = len(res.device_indices)
             value = torch.cat([res.device_indices.to(dst.device), dst])
             result = self.insert(InsertParams(key=ns_key[: lo + n], value=value))
@@ -447,6 +455,27 @@ class LeylineRadixCache(RadixCache):
         finally:
             for d in locked:
                 self.dec_lock_ref(d)
+
+    def _verify(self, src: torch.Tensor, dst: torch.Tensor, delta: torch.Tensor) -> None:
+        """Compare the spliced rows with the core's `rotate` of the donor rows (and V/latent
+        bit-exact); the totals land in `splice_checks` and in the request's notes."""
+        assert self.binding is not None
+        b, lay = self.binding, self.binding.layout
+        worst, v_equal = 0.0, True
+        for layer in range(lay.num_layers):
+            want = rotate(b.k[layer][src], delta[:, None], b.rope, offset=lay.rope_offset)
+            got = b.k[layer][dst]
+            worst = max(worst, float((got.float() - want.float()).abs().max()))
+            if b.v is not None:
+                v_equal &= bool(torch.equal(b.v[layer][dst], b.v[layer][src]))
+            lo, hi = lay.rope_offset, lay.rope_offset + lay.rope_dim
+            outside = torch.ones(got.shape[-1], dtype=torch.bool, device=got.device)
+            outside[lo:hi] = False
+            v_equal &= bool(torch.equal(got[..., outside], b.k[layer][src][..., outside]))
+        c = self.splice_checks
+        c["rows"] += len(src)
+        c["max_abs_err"] = max(c["max_abs_err"], worst)
+        c["bit_exact_outside_rope"] &= v_equal
 
     def _inv_freq_on(self, dev: torch.device) -> torch.Tensor:
         assert self.binding is not None

@@ -105,7 +105,10 @@ def leyline_cache_factory(ctx: Any) -> Any:
     pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
     binding = PoolBinding.from_pool(pool, specs[0])
     logger.info("leyline: radix cache on %s, %s", type(pool).__name__, binding.layout)
-    cache = LeylineRadixCache(ctx.params, binding, LeylineCacheConfig())
+    from leyline._config import Environment
+
+    config = LeylineCacheConfig(verify_splices=Environment.read().sglang_verify_splices)
+    cache = LeylineRadixCache(ctx.params, binding, config)
     cache.warm_up()  # compile the splice kernel at start-up, not in the first request
     return cache
 

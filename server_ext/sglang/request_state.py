@@ -44,6 +44,7 @@ class RequestState:
     windows: int = 0
     shortfalls: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    checks: dict[str, Any] | None = None  # splice verification totals (verify_splices only)
 
     def __post_init__(self) -> None:
         if not len(self.served):
@@ -136,7 +137,7 @@ class RequestState:
             "directives": self.directive_outcomes(),
             "windows": self.windows,
             "notes": list(self.notes),
-        }
+        } | ({"splice_checks": self.checks} if self.checks is not None else {})
 
     def publish(self, req: Any) -> None:
         """Set ``req.customized_info["leyline"]``: SGLang ships it with the first output token,

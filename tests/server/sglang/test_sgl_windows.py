@@ -338,3 +338,19 @@ def test_requests_without_payload_take_sglangs_path_under_the_hooks() -> None:
     again = make_req("p2", SYS + A + B + TURN, None)
     assert w.serve(again, chunk=4096) == [(len(SYS + A + B), len(SYS + A + B + TURN))]
     w.assert_no_leak()
+
+
+def test_splice_verification_reports_rows_checked_against_the_core_rotate() -> None:
+    """``LEYLINE_SGLANG_VERIFY_SPLICES=1`` (the real-server correctness run) checks every
+    spliced row against the core's torch `rotate` of its donor and reports it per request."""
+    w = World(config=LeylineCacheConfig(min_copy_run=32, verify_splices=True))
+    _base(w, SYS + A + B)
+    new = SYS + A_SHORT + B + TURN
+    req = make_req("r2", new, _payload(2, 1, ["amortize"]))
+    w.serve(req)
+    checks = _info(req)["splice_checks"]
+    assert checks["rows"] == len(B) and checks["bit_exact_outside_rope"] is True
+    assert checks["max_abs_err"] < 1e-4
+    # A corrupted splice is caught: rotate the wrong way and the check reports it.
+    w.cache._verify(torch.tensor([1]), torch.tensor([2]), torch.tensor([5]))
+    assert w.cache.splice_checks["max_abs_err"] > 1e-3

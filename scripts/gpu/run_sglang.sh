@@ -1,0 +1,43 @@
+#!/bin/bash
+# The GPU run of the real SGLang 0.5.16 server, from the project root on the GPU machine (with
+# .gpu-sglang/ from scripts/gpu/stage.sh carried along). One argument picks the part:
+#   speed        Llama-3.1-8B shape (dummy weights): default radix, then the leyline backend;
+#                benchmarks/sglang_server.py on each; the table
+#   speed-mla    the same for the DeepSeek-V2-Lite shape (MLA attention, dense MLPs)
+#   correctness  a seeded random Llama (real outputs) on the leyline backend with every splice
+#                verified; benchmarks/sglang_correctness.py
+# Results and server logs go to $OUT (default /tmp/leyline-gpu).
+set -u
+OUT=${OUT:-/tmp/leyline-gpu}; mkdir -p "$OUT"; export OUT
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+source scripts/gpu/serve.sh || exit 1
+DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+echo "device: $DEV"
+speed() {  # NAME MODEL_DIR [server flags...]
+  local tag=$1 model=$2; shift 2
+  for backend in default leyline; do
+    local flags=() ley=()
+    [ $backend = leyline ] && { flags=(--radix-cache-backend leyline); ley=(--leyline); }
+    sglang_start "${tag}_$backend" "$model" --load-format dummy --mem-fraction-static 0.8 "$@" \
+      "${flags[@]}" || return 1
+    python3 benchmarks/sglang_server.py run --label $backend "${ley[@]}" --device "$DEV" \
+      --tokenizer "$model/tokenizer.json" --out "$OUT/${tag}_$backend.json" \
+      >> "$OUT/${tag}_bench.log" 2>&1 || { tail -20 "$OUT/${tag}_bench.log"; sglang_stop; return 1; }
+    sglang_stop
+  done
+  python3 benchmarks/sglang_server.py report "$OUT/${tag}_default.json" "$OUT/${tag}_leyline.json" \
+    | tee "$OUT/${tag}_table.md"
+}
+case "${1:-speed}" in
+  speed) speed llama8b /tmp/models/llama-3.1-8b ;;
+  speed-mla) speed dsv2lite /tmp/models/deepseek-v2-lite-dense ;;
+  correctness)
+    python3 scripts/gpu/make_random_model.py /tmp/models/random-llama \
+      --tokenizer /tmp/models/llama-3.1-8b || exit 1
+    LEYLINE_SGLANG_VERIFY_SPLICES=1 sglang_start check /tmp/models/random-llama \
+      --mem-fraction-static 0.5 --radix-cache-backend leyline || exit 1
+    python3 benchmarks/sglang_correctness.py --out "$OUT/correctness.json" \
+      --tokenizer /tmp/models/random-llama/tokenizer.json 2>&1 | tee "$OUT/correctness.log"
+    sglang_stop ;;
+  *) echo "usage: $0 speed|speed-mla|correctness" >&2; exit 2 ;;
+esac
