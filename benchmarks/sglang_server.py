@@ -3,8 +3,8 @@
 Each case is a conversation of ~17.7K prompt tokens (a 4K-token system prompt, six tool calls
 with outputs, the first output ~1K tokens) that is served once, then edited and extended by a
 reply and a 256-token user turn; the second request is timed (wall time of a non-streaming
-``max_tokens=1`` request, as a client sees it). Every repetition uses fresh content (a new seed
-from the first token on), so the first request is always cold and the timed one never repeats.
+``max_tokens=1`` request, as a client sees it). Every case and repetition uses fresh content (its
+own seed from the first token on), so the first request is always cold and the timed one never repeats.
 
 Cases: ``cold`` (the first request), ``floor`` (exact repeat + the new turn), ``delete`` (the
 1K tool output removed), ``truncate`` (it cut to 200 characters), ``clear`` (it replaced by a
@@ -241,12 +241,13 @@ def run(args: argparse.Namespace) -> None:
     texts = Texts(args.tokenizer)
     shape = Shape()
     runner = Runner(args.base_url, args.leyline, args.model)
-    for case in CASES:  # warm-up: compiles every prefill shape and the splice path
-        runner.case(texts, case, 10_000, shape)
+    for i, case in enumerate(CASES):  # warm-up: compiles every prefill shape and the splice
+        runner.case(texts, case, 10_000 + i, shape)
     rows = []
     for rep in range(args.reps):
-        for case in CASES:
-            row = runner.case(texts, case, rep, shape)
+        for i, case in enumerate(CASES):
+            # Distinct content per case and repetition: nothing is cached from an earlier one.
+            row = runner.case(texts, case, 100 * rep + i, shape)
             rows.append(row)
             print(f"{args.label:8s} rep {rep} {case:10s} cold {row['cold_ms']:7.1f} ms  "
                   f"edited {row['ms']:7.1f} ms  prompt {row['prompt_tokens']}  "

@@ -17,6 +17,7 @@ with such a request the exact match is extended, token by token from its end:
 from __future__ import annotations
 
 import logging
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -35,13 +36,13 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from leyline.server.core.index import ContentIndex
-from leyline.server.core.kernels.splice import splice_kv
+from leyline.server.core.kernels.splice import KVPointers, kv_pointers, splice_kv
 from leyline.server.core.layout import KVLayout
 from leyline.server.core.rope import RopeSpec, rotate
 from leyline.server.sglang.align import align_edits, moved_spans
 from leyline.server.sglang.payload import PayloadError, RequestOptions, parse_custom_params
 from leyline.server.sglang.request_state import RequestState
-from leyline.server.sglang.windows import WINDOW_ATTR, next_step
+from leyline.server.sglang.windows import WINDOW_ATTR, Step, next_step
 
 __all__ = ["APPROX_SUFFIX", "LeylineCacheConfig", "LeylineRadixCache", "PoolBinding"]
 
@@ -151,6 +152,8 @@ class LeylineRadixCache(RadixCache):
         self.index = ContentIndex()
         self.sessions = _Sessions(config.max_sessions)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._pointers: KVPointers | None = None
+        self._evictions = 0
         self.splice_checks: dict[str, Any] = {
             "rows": 0, "max_abs_err": 0.0, "bit_exact_outside_rope": True,
         }  # fmt: skip
@@ -180,11 +183,13 @@ class LeylineRadixCache(RadixCache):
         super().reset()
         self.index.clear()
         self.sessions.clear()
+        self._evictions = getattr(self, "_evictions", 0) + 1
 
     def _delete_leaf(self, node: TreeNode) -> None:
         # Evicted slots are freed and may be reallocated: their index entries die first.
         if node.value is not None and len(node.value):
             self.index.drop_slots(node.value.cpu().numpy())
+        self._evictions += 1  # cached copies of slot lists (RequestState.base) may be stale
         super()._delete_leaf(node)
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
@@ -202,7 +207,11 @@ class LeylineRadixCache(RadixCache):
         first = state is None
         if state is None:
             state = RequestState(opts, prompt_len=len(req.origin_input_ids))
+            state.indexed_from = len(res.device_indices)
             setattr(req, _STATE_ATTR, state)
+        elif state.settled == (len(tokens), len(res.device_indices), self._evictions):
+            return res  # SGLang matches several times per request: nothing changed since
+        t0 = time.perf_counter()
         if self.binding is not None and len(tokens) > len(res.device_indices):
             res = self._seed(raw, res, ns)
             if first:
@@ -211,6 +220,8 @@ class LeylineRadixCache(RadixCache):
             res = self._advance(req, state, tokens, raw, res, ns)
         elif first:
             state.exact = len(res.device_indices)
+        state.settled = (len(tokens), len(res.device_indices), self._evictions)
+        state.time("match", t0)
         if first:
             state.publish(req)
             if opts.session is not None and opts.version is not None:
@@ -226,6 +237,7 @@ class LeylineRadixCache(RadixCache):
         if state.window_end is None or len(req.prefix_indices) != state.window_end:
             return  # no window, or SGLang's own chunk budget ended this chunk inside it
         # The window is prefilled: continue the plan behind it (see windows.py).
+        t0 = time.perf_counter()
         _set_window(req, state, None)
         fill = req.full_untruncated_fill_ids
         key = RadixKey(fill, req.extra_key, limit=len(fill) - 1)  # SGLang keeps the last token
@@ -241,6 +253,7 @@ class LeylineRadixCache(RadixCache):
             self.inc_lock_ref(out.last_device_node)
             req.prefix_indices, req.last_node = new, out.last_device_node
             req.cache_protected_len = len(new)
+        state.time("windows", t0)
         state.publish(req)
 
     def cache_finished_req(
@@ -263,10 +276,14 @@ class LeylineRadixCache(RadixCache):
             key = RadixKey(tokens, req.extra_key)
             slots = super().match_prefix(MatchPrefixParams(key=key)).device_indices
             n = len(slots)
-            if n:
+            state: RequestState | None = getattr(req, _STATE_ATTR, None)
+            # The exact prefix matched in the namespace was indexed when it was served; its
+            # chunks would only be indexed again (this runs before SGLang sends the response).
+            start = state.indexed_from if state is not None else 0
+            if n > start:
                 self.index.add_sequence(
                     np.asarray(tokens[:n], dtype=np.int64), slots.cpu().numpy(),
-                    salt=_tenant(req.extra_key),
+                    salt=_tenant(req.extra_key), start=start,
                 )  # fmt: skip
 
     # ----- the extension -----
@@ -300,17 +317,23 @@ class LeylineRadixCache(RadixCache):
             return super().match_prefix(MatchPrefixParams(key=ns_key))
         return res
 
-    def _base(self, state: RequestState, ns: str) -> tuple[Any, TreeNode | None]:
-        """The session's base version as a planner `CachedSequence` (its still cached part)."""
+    def _base(self, state: RequestState, ns: str) -> tuple[Any, TreeNode | None, Any]:
+        """The session's base version as a planner `CachedSequence` (its still cached part),
+        its last node and its slots on the device. Reused while nothing was evicted: the slot
+        list is copied to the host once, not at every window (each copy waits for the GPU)."""
         from leyline.server.core.planner import CachedSequence
 
         if state.base_tokens is None:
-            return None, None
+            return None, None, None
+        cached = state.base_cache
+        if cached is not None and cached[0] == self._evictions:
+            return cached[1], cached[2], cached[3]
         b_tokens = state.base_tokens
         b_res = super().match_prefix(MatchPrefixParams(key=RadixKey(_arr(b_tokens), ns)))
         b_slots = b_res.device_indices
         seq = CachedSequence(tokens=b_tokens[: len(b_slots)], slots=b_slots.cpu().numpy())
-        return seq, b_res.last_device_node
+        state.base_cache = (self._evictions, seq, b_res.last_device_node, b_slots)
+        return seq, b_res.last_device_node, b_slots
 
     def _prepare(self, state: RequestState, tokens: np.ndarray) -> None:
         """Once per request: map the client's directives onto the base (token diff)."""
@@ -360,7 +383,7 @@ class LeylineRadixCache(RadixCache):
 
         cfg = self.leyline_config
         ns_key = RadixKey(raw, ns)
-        base_seq, base_node = self._base(state, ns)
+        base_seq, base_node, base_dev = self._base(state, ns)
         directives = state.directives if base_seq is not None else []
         if base_seq is not None and directives and directives[-1].end > len(base_seq):
             # Part of the base version's KV was evicted: only edits inside what is left apply.
@@ -373,7 +396,7 @@ class LeylineRadixCache(RadixCache):
             plan = build_plan(
                 tokens,
                 exact_len=exact_len,
-                exact_slots=res.device_indices.cpu().numpy(),
+                exact_slots=np.zeros(exact_len, np.int64),  # exact runs are used in place
                 base=base_seq,
                 directives=directives,
                 index=self.index if use_index else None,
@@ -391,8 +414,8 @@ class LeylineRadixCache(RadixCache):
                 )
             if len(step):
                 donors = [res.last_device_node] + ([base_node] if base_node is not None else [])
-                src = torch.as_tensor(step.src)
-                if not self._fill(res, src, step.delta, donors, ns_key, evict=attempt == 0):
+                src, delta = self._sources(step, base_seq, base_dev)
+                if not self._fill(res, src, delta, donors, ns_key, evict=attempt == 0):
                     if attempt == 0:
                         continue  # eviction may have dropped chunk donors: re-plan once
                     state.shortfall("no free KV slots for the copy")
@@ -411,11 +434,35 @@ class LeylineRadixCache(RadixCache):
             return res
         return res
 
+    def _sources(
+        self, step: Step, base: Any, base_dev: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Donor slots and deltas of a step on the pool's device. Runs copied from a contiguous
+        stretch of the base are slices of its device slot list (no host-to-device copy, which
+        would wait for the GPU); only chunk-index donors travel from the host."""
+        assert self.binding is not None
+        dev = self.binding.k[0].device
+        srcs: list[torch.Tensor] = []
+        deltas: list[torch.Tensor] = []
+        for run in step.runs:
+            n = len(run.src_slots)
+            p0 = int(run.src_positions[0])
+            contiguous = int(run.src_positions[-1]) - p0 == n - 1
+            if (
+                base is not None and base_dev is not None and contiguous and p0 + n <= len(base)
+                and np.array_equal(run.src_slots, base.slots[p0 : p0 + n])
+            ):  # fmt: skip
+                srcs.append(base_dev[p0 : p0 + n].to(dev))
+            else:
+                srcs.append(torch.as_tensor(run.src_slots, dtype=torch.int64).to(dev))
+            deltas.append(torch.full((n,), run.start - p0, dtype=torch.int64, device=dev))
+        return torch.cat(srcs), torch.cat(deltas)
+
     def _fill(
         self,
         res: MatchResult,
         src: torch.Tensor,
-        delta: np.ndarray,
+        delta: np.ndarray | torch.Tensor,
         donors: list[TreeNode],
         ns_key: RadixKey,
         *,
@@ -437,16 +484,17 @@ class LeylineRadixCache(RadixCache):
                 logger.info("leyline: no free KV slots for a %d-token extension", n)
                 return False
             dev = self.binding.k[0].device
+            delta_d = torch.as_tensor(delta, dtype=torch.int64).to(dev)
             splice_kv(
-                self.binding.k, self.binding.v, src.to(dev), dst.to(dev),
-                torch.as_tensor(delta, dtype=torch.int64, device=dev),
+                self.binding.k, self.binding.v, src.to(dev), dst.to(dev), delta_d,
                 layout=self.binding.layout,
                 inv_freq=self._inv_freq_on(dev),
                 interleaved=self.binding.rope.interleaved,
                 impl=self.leyline_config.kernel_impl,
+                pointers=self._kv_pointers(),
             )  # fmt: skip
             if self.leyline_config.verify_splices:
-                self._verify(src.to(dev), dst.to(dev), torch.as_tensor(delta, device=dev))
+                self._verify(src.to(dev), dst.to(dev), delta_d)
             lo = len(res.device_indices)
             value = torch.cat([res.device_indices.to(dst.device), dst])
             result = self.insert(InsertParams(key=ns_key[: lo + n], value=value))
@@ -477,6 +525,13 @@ class LeylineRadixCache(RadixCache):
         c["max_abs_err"] = max(c["max_abs_err"], worst)
         c["bit_exact_outside_rope"] &= v_equal
 
+    def _kv_pointers(self) -> KVPointers | None:
+        """The pool's layer-offset tables for the Triton kernel, built once (not per splice)."""
+        assert self.binding is not None
+        if self._pointers is None and self.binding.k[0].is_cuda:
+            self._pointers = kv_pointers(self.binding.k, self.binding.v)
+        return self._pointers
+
     def _inv_freq_on(self, dev: torch.device) -> torch.Tensor:
         assert self.binding is not None
         inv_freq = self._inv_freq.get(dev)
@@ -498,6 +553,7 @@ class LeylineRadixCache(RadixCache):
             self.binding.k, self.binding.v, zero, zero, zero,
             layout=self.binding.layout, inv_freq=self._inv_freq_on(dev),
             interleaved=self.binding.rope.interleaved, impl=self.leyline_config.kernel_impl,
+            pointers=self._kv_pointers(),
         )  # fmt: skip
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

@@ -12,6 +12,7 @@ positions after every fill, so it says what happened, not what was planned: a di
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,10 @@ class RequestState:
     shortfalls: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     checks: dict[str, Any] | None = None  # splice verification totals (verify_splices only)
+    indexed_from: int = 0  # the exact match before any copy: already in the content index
+    settled: tuple[int, int, int] | None = None  # (tokens, matched, evictions) of the last plan
+    base_cache: tuple[int, Any, Any, Any] | None = None  # see LeylineRadixCache._base
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not len(self.served):
@@ -61,6 +66,11 @@ class RequestState:
         """Why some planned reuse was not served (reported with the affected directives)."""
         if why not in self.shortfalls:
             self.shortfalls.append(why)
+
+    def time(self, phase: str, t0: float) -> None:
+        """Add the host time since ``t0`` (``time.perf_counter()``) to ``phase``."""
+        ms = (time.perf_counter() - t0) * 1e3
+        self.timings_ms[phase] = self.timings_ms.get(phase, 0.0) + ms
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -137,6 +147,7 @@ class RequestState:
             "directives": self.directive_outcomes(),
             "windows": self.windows,
             "notes": list(self.notes),
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
         } | ({"splice_checks": self.checks} if self.checks is not None else {})
 
     def publish(self, req: Any) -> None:

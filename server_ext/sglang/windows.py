@@ -56,6 +56,7 @@ class Step:
     kinds: np.ndarray  # 0 spliced, 1 chunk
     window_end: int | None
     skipped: int  # copy tokens after the windows that will be recomputed (too short/too many)
+    runs: tuple[Any, ...] = ()  # the plan's copy runs filled now (one delta each)
 
     def __len__(self) -> int:
         return len(self.src)
@@ -68,8 +69,10 @@ def next_step(plan: Any, start: int, *, min_copy_run: int, windows_left: int) ->
     delta: list[np.ndarray] = []
     kinds: list[np.ndarray] = []
     pos, i = start, 0
+    taken = []
     while i < len(runs) and runs[i].kind in _COPY and runs[i].start == pos:
         r = runs[i]
+        taken.append(r)
         src.append(np.asarray(r.src_slots, np.int64))
         delta.append(np.arange(r.start, r.end, dtype=np.int64) - r.src_positions)
         kinds.append(np.full(len(r), 0 if r.kind == "spliced" else 1, np.int8))
@@ -92,7 +95,7 @@ def next_step(plan: Any, start: int, *, min_copy_run: int, windows_left: int) ->
         z = np.zeros(0, np.int64)
         return Step(start, z, z, z.astype(np.int8), window_end, skipped)
     return Step(start, np.concatenate(src), np.concatenate(delta), np.concatenate(kinds),
-                window_end, skipped)  # fmt: skip
+                window_end, skipped, tuple(taken))  # fmt: skip
 
 
 def _window_cap(req: Any) -> int | None:

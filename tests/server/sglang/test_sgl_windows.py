@@ -59,7 +59,7 @@ class World:
 
         self.stack = mha_stack(size=size, layers=2, heads=3, head_dim=40, v_dim=24,
                                dtype=torch.float32)  # fmt: skip
-        self.rope = get_rope(40, 24, 8192, 10000, True, None, torch.float32)
+        self.rope = get_rope(40, 24, 32768, 10000, True, None, torch.float32)
         binding = PoolBinding.from_pool(self.stack.pool, rope_spec_from_module(self.rope))
         cfg = config or LeylineCacheConfig(min_copy_run=32, min_moved_run=16)
         self.cache = LeylineRadixCache(self.stack.params, binding, cfg)
