@@ -53,7 +53,7 @@ def weights(cfg: dict, seed: int, device: str) -> dict[str, torch.Tensor]:
     out = {
         "model.embed_tokens.weight": normal(cfg["vocab_size"], h, std=1.0),
         "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
-        "lm_head.weight": normal(cfg["vocab_size"], h, std=0.2),  # clear greedy margins
+        "lm_head.weight": normal(cfg["vocab_size"], h, std=1.0),  # clear greedy margins
     }
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."

@@ -94,7 +94,12 @@ def _anchor_runs(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
 
 
 def _chain(runs: np.ndarray) -> list[tuple[int, int, int]]:
-    """Heaviest chain of runs increasing and non-overlapping in both sequences (runs by j)."""
+    """Heaviest chain of runs increasing in both sequences (runs sorted by j).
+
+    Neighbouring runs may overlap by a few tokens (an anchor window reaches over a boundary
+    whose tokens happen to agree, e.g. a chat template's end-of-message marker): the later run
+    is then trimmed to start after the earlier one, rather than the pair being refused.
+    """
     if len(runs) > _MAX_RUNS:  # pathological input: keep the longest runs, in j order
         keep = np.sort(np.argsort(-runs[:, 2], kind="stable")[:_MAX_RUNS])
         runs = runs[keep]
@@ -105,16 +110,27 @@ def _chain(runs: np.ndarray) -> list[tuple[int, int, int]]:
         score, back = s, -1
         for m in range(n):
             pi, pj, ps = rs[m]
-            if pi + ps <= i and pj + ps <= j and best[m] + s > score:
-                score, back = best[m] + s, m
+            if pi >= i or pj >= j:
+                continue
+            cut = max(pi + ps - i, pj + ps - j, 0)  # tokens of run n the chain must drop
+            if cut < s and best[m] + s - cut > score:
+                score, back = best[m] + s - cut, m
         best.append(score)
         prev.append(back)
-    out: list[tuple[int, int, int]] = []
+    chain: list[tuple[int, int, int]] = []
     n = int(np.argmax(best)) if best else -1
     while n >= 0:
-        out.append(rs[n])
+        chain.append(rs[n])
         n = prev[n]
-    return out[::-1]
+    chain.reverse()
+    out: list[tuple[int, int, int]] = []
+    for i, j, s in chain:
+        if out:
+            pi, pj, ps = out[-1]
+            cut = max(pi + ps - i, pj + ps - j, 0)
+            i, j, s = i + cut, j + cut, s - cut
+        out.append((i, j, s))
+    return out
 
 
 def _common_len(x: np.ndarray, y: np.ndarray) -> int:

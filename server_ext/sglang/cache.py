@@ -208,6 +208,7 @@ class LeylineRadixCache(RadixCache):
         if state is None:
             state = RequestState(opts, prompt_len=len(req.origin_input_ids))
             state.indexed_from = len(res.device_indices)
+            state.t0 = time.perf_counter()
             setattr(req, _STATE_ATTR, state)
         elif state.settled == (len(tokens), len(res.device_indices), self._evictions):
             return res  # SGLang matches several times per request: nothing changed since
@@ -238,6 +239,7 @@ class LeylineRadixCache(RadixCache):
             return  # no window, or SGLang's own chunk budget ended this chunk inside it
         # The window is prefilled: continue the plan behind it (see windows.py).
         t0 = time.perf_counter()
+        state.mark_time(f"window{state.windows}_cached")
         _set_window(req, state, None)
         fill = req.full_untruncated_fill_ids
         key = RadixKey(fill, req.extra_key, limit=len(fill) - 1)  # SGLang keeps the last token
@@ -264,6 +266,10 @@ class LeylineRadixCache(RadixCache):
             setattr(req, WINDOW_ATTR, None)  # finished or aborted mid-plan: no more windows
         if self.disable:
             return
+        state = getattr(req, _STATE_ATTR, None)
+        if state is not None:
+            state.mark_time("finished")
+            state.publish(req)  # SGLang streams the first output after this call
         opts = getattr(req, "_leyline_opts", None)
         tokens = (req.origin_input_ids + req.output_ids)[:kv_len_to_handle]
         if (
@@ -276,7 +282,6 @@ class LeylineRadixCache(RadixCache):
             key = RadixKey(tokens, req.extra_key)
             slots = super().match_prefix(MatchPrefixParams(key=key)).device_indices
             n = len(slots)
-            state: RequestState | None = getattr(req, _STATE_ATTR, None)
             # The exact prefix matched in the namespace was indexed when it was served; its
             # chunks would only be indexed again (this runs before SGLang sends the response).
             start = state.indexed_from if state is not None else 0

@@ -50,6 +50,8 @@ class RequestState:
     settled: tuple[int, int, int] | None = None  # (tokens, matched, evictions) of the last plan
     base_cache: tuple[int, Any, Any, Any] | None = None  # see LeylineRadixCache._base
     timings_ms: dict[str, float] = field(default_factory=dict)
+    t0: float = 0.0  # first match_prefix (admission), for the timeline
+    timeline_ms: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not len(self.served):
@@ -71,6 +73,10 @@ class RequestState:
         """Add the host time since ``t0`` (``time.perf_counter()``) to ``phase``."""
         ms = (time.perf_counter() - t0) * 1e3
         self.timings_ms[phase] = self.timings_ms.get(phase, 0.0) + ms
+
+    def mark_time(self, event: str) -> None:
+        """Milliseconds from the first ``match_prefix`` to ``event`` (scheduler clock)."""
+        self.timeline_ms[event] = round((time.perf_counter() - self.t0) * 1e3, 3)
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -148,6 +154,7 @@ class RequestState:
             "windows": self.windows,
             "notes": list(self.notes),
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+            "timeline_ms": dict(self.timeline_ms),
         } | ({"splice_checks": self.checks} if self.checks is not None else {})
 
     def publish(self, req: Any) -> None:
