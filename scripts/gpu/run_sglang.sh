@@ -20,7 +20,7 @@ speed() {  # NAME MODEL_DIR [server flags...]
     [ $backend = leyline ] && { flags=(--radix-cache-backend leyline); ley=(--leyline); }
     sglang_start "${tag}_$backend" "$model" --load-format dummy --mem-fraction-static 0.8 "$@" \
       "${flags[@]}" || return 1
-    python3 benchmarks/sglang_server.py run --label $backend "${ley[@]}" --device "$DEV" \
+    python3 benchmarks/sglang_server.py run --label $backend "${ley[@]}" --device "$DEV" --reps "${REPS:-5}" \
       --tokenizer "$model/tokenizer.json" --out "$OUT/${tag}_$backend.json" \
       >> "$OUT/${tag}_bench.log" 2>&1 || { tail -20 "$OUT/${tag}_bench.log"; sglang_stop; return 1; }
     sglang_stop
