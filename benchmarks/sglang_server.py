@@ -325,11 +325,32 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--out", required=True)
     p = sub.add_parser("report", help="print the table of one or more run files")
     p.add_argument("paths", nargs="+")
+    p.add_argument("--plot", type=Path, help="also draw the medians as grouped bars (PNG)")
+    p.add_argument("--title", default="wall time of the edited request (max_tokens=1)")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         run(args)
-    else:
-        print(report(args.paths))
+        return
+    print(report(args.paths))
+    if args.plot:
+        plot(args.paths, args.plot, args.title)
+
+
+def plot(paths: list[str], out: Path, title: str) -> Path:
+    """Grouped bars of the median times per case (needs ``leyline[eval]`` for matplotlib)."""
+    from leyline.evals.report import bar_chart
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    names = ["cold", *CASES]
+    series = {
+        r["label"]: [
+            _median(r["rows"], "floor", "cold_ms") if c == "cold" else _median(r["rows"], c, "ms")
+            for c in names
+        ]
+        for r in runs
+    }
+    dev = runs[0].get("device", "")
+    return bar_chart(out, names, series, title=f"{title}\n{dev}", ylabel="ms (median)")
 
 
 if __name__ == "__main__":
