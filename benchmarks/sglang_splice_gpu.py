@@ -97,7 +97,8 @@ def bench_case(name: str, n: int, device: str, reps: int) -> dict[str, Any]:
 
     from leyline.server.core.kernels.splice import splice_kv
     from leyline.server.core.rope import RopeSpec
-    from leyline.server.sglang.cache import LeylineRadixCache, PoolBinding, _namespace
+    from leyline.server.sglang.cache import LeylineRadixCache, _namespace
+    from leyline.server.sglang.pool import PoolBinding
 
     size = 2 * n + 1024
     pool = _pool(name, size, device)
@@ -114,12 +115,12 @@ def bench_case(name: str, n: int, device: str, reps: int) -> dict[str, Any]:
     base = torch.randint(10, 100000, (n + EDIT[1],), generator=g).tolist()
     new = base[: EDIT[0]] + base[EDIT[1] :] + [7] * 64
     out: dict[str, Any] = {"shape": name, "suffix_tokens": n}
-    import leyline.server.sglang.cache as cache_mod
+    import leyline.server.sglang.pool as pool_mod
 
     times, bookkeeping = [], []
     for rep in range(2 * reps):
         # first half: the kernel stubbed out, so the time left is the plugin's bookkeeping
-        cache_mod.splice_kv = (lambda *_a, **_k: None) if rep < reps else splice_kv
+        pool_mod.splice_kv = (lambda *_a, **_k: None) if rep < reps else splice_kv
         cache = LeylineRadixCache(params, binding)
         alloc.clear()
         slots = alloc.alloc(len(base))
@@ -136,7 +137,7 @@ def bench_case(name: str, n: int, device: str, reps: int) -> dict[str, Any]:
         res = cache.match_prefix(MatchPrefixParams(key=key, req=req))
         _sync(device)
         (bookkeeping if rep < reps else times).append(time.perf_counter() - t0)
-    cache_mod.splice_kv = splice_kv
+    pool_mod.splice_kv = splice_kv
     spliced = len(res.device_indices) - EDIT[0]
     out["check"] = _check_splice(binding, slots, res.device_indices, EDIT, spliced)
     out["match_tokens"] = len(res.device_indices)

@@ -6,12 +6,17 @@ chunk-reused KV can never be matched by a request that did not opt in. On ``matc
 with such a request the exact match is extended, token by token from its end:
 
 1. seed: a longer exact match in the request's plain namespace is copied (delta 0);
-2. plan: the core planner places the session's base sequence (AMORTIZE directives) and the
-   content index's chunks; SGLang prefills only a contiguous tail, so the match extends
-   through the plan's leading spliced/chunk runs and stops at the first recompute run;
+2. plan: the core planner places the session's base sequence (AMORTIZE directives, moved
+   spans) and the content index's chunks; the match extends through the plan's copy runs at
+   its end and stops at the first recompute window, whose end is recorded for the prefill
+   adder hooks (:mod:`leyline.server.sglang.windows`);
 3. the extension is allocated (evicting when the pool is full, donors locked), filled by the
    core splice kernel (copy + rotate the rotary part by per-token delta) and inserted, so the
    next ``match_prefix`` call (SGLang makes several per request) finds it as an exact hit.
+
+After SGLang prefilled a window, ``cache_unfinished_req`` runs steps 2-3 again from the
+window's end and appends the copy run to the request's prefix. Per-request state and the
+accounting live in :mod:`leyline.server.sglang.request_state`.
 """
 
 from __future__ import annotations
@@ -36,15 +41,13 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from leyline.server.core.index import ContentIndex
-from leyline.server.core.kernels.splice import KVPointers, kv_pointers, splice_kv
-from leyline.server.core.layout import KVLayout
-from leyline.server.core.rope import RopeSpec, rotate
 from leyline.server.sglang.align import align_edits, moved_spans
 from leyline.server.sglang.payload import PayloadError, RequestOptions, parse_custom_params
+from leyline.server.sglang.pool import PoolBinding, PoolSplicer
 from leyline.server.sglang.request_state import RequestState
-from leyline.server.sglang.windows import WINDOW_ATTR, Step, next_step
+from leyline.server.sglang.windows import WINDOW_ATTR, next_step
 
-__all__ = ["APPROX_SUFFIX", "LeylineCacheConfig", "LeylineRadixCache", "PoolBinding"]
+__all__ = ["APPROX_SUFFIX", "LeylineCacheConfig", "LeylineRadixCache"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,31 +80,6 @@ class LeylineCacheConfig:
             raise ValueError(f"merge_gap must be >= 0, got {self.merge_gap}")
         if self.kernel_impl not in ("auto", "torch", "triton"):
             raise ValueError(f"kernel_impl must be auto|torch|triton, got {self.kernel_impl!r}")
-
-
-@dataclass(frozen=True)
-class PoolBinding:
-    """The KV buffers a splice writes (SGLang's own pool tensors) and how their keys rotate."""
-
-    k: list[torch.Tensor]  # MHA k_buffer or MLA kv_buffer, one per local layer
-    v: list[torch.Tensor] | None  # MHA v_buffer; None for MLA
-    layout: KVLayout
-    rope: RopeSpec
-
-    @classmethod
-    def from_pool(cls, pool: Any, rope: RopeSpec) -> PoolBinding:
-        """Bind an `MHATokenToKVPool` or `MLATokenToKVPool` (exact classes, checked upstream)."""
-        if hasattr(pool, "kv_lora_rank"):
-            rank, rope_dim = int(pool.kv_lora_rank), int(pool.qk_rope_head_dim)
-            if rope.rotary_dim != rope_dim:
-                raise ValueError(f"rotary_dim {rope.rotary_dim} != qk_rope_head_dim {rope_dim}")
-            layout = KVLayout("mla", len(pool.kv_buffer), 1, rank + rope_dim, 0, rank, rope_dim)
-            return cls(list(pool.kv_buffer), None, layout, rope)
-        layout = KVLayout(
-            "mha", len(pool.k_buffer), int(pool.head_num), int(pool.head_dim),
-            int(pool.v_head_dim), 0, rope.rotary_dim,
-        )  # fmt: skip
-        return cls(list(pool.k_buffer), list(pool.v_buffer), layout, rope)
 
 
 class _Sessions:
@@ -151,12 +129,11 @@ class LeylineRadixCache(RadixCache):
         self.binding = binding
         self.index = ContentIndex()
         self.sessions = _Sessions(config.max_sessions)
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
-        self._pointers: KVPointers | None = None
+        self.splicer = (
+            None if binding is None
+            else PoolSplicer(binding, config.kernel_impl, verify=config.verify_splices)
+        )  # fmt: skip
         self._evictions = 0
-        self.splice_checks: dict[str, Any] = {
-            "rows": 0, "max_abs_err": 0.0, "bit_exact_outside_rope": True,
-        }  # fmt: skip
         super().__init__(params)
 
     @classmethod
@@ -238,6 +215,10 @@ class LeylineRadixCache(RadixCache):
         if state.window_end is None or len(req.prefix_indices) != state.window_end:
             return  # no window, or SGLang's own chunk budget ended this chunk inside it
         # The window is prefilled: continue the plan behind it (see windows.py).
+        # NOTE: the fields written below (prefix_indices, last_node and its lock,
+        # cache_protected_len, the req_to_token row) are the ones SGLang 0.5.16's own
+        # cache_unfinished_req maintains; tests/server/sglang/test_sgl_windows.py drives them
+        # through SGLang's Req and PrefillAdder and fails if their meaning moves.
         t0 = time.perf_counter()
         state.mark_time(f"window{state.windows}_cached")
         _set_window(req, state, None)
@@ -419,7 +400,8 @@ class LeylineRadixCache(RadixCache):
                 )
             if len(step):
                 donors = [res.last_device_node] + ([base_node] if base_node is not None else [])
-                src, delta = self._sources(step, base_seq, base_dev)
+                assert self.splicer is not None
+                src, delta = self.splicer.sources(step.runs, base_seq, base_dev)
                 if not self._fill(res, src, delta, donors, ns_key, evict=attempt == 0):
                     if attempt == 0:
                         continue  # eviction may have dropped chunk donors: re-plan once
@@ -429,8 +411,8 @@ class LeylineRadixCache(RadixCache):
                     return res
                 res = super().match_prefix(MatchPrefixParams(key=ns_key))
                 state.mark(np.arange(exact_len, exact_len + len(step)), step.kinds)
-                if cfg.verify_splices:
-                    state.checks = dict(self.splice_checks)
+                if self.splicer is not None and self.splicer.verify:
+                    state.checks = dict(self.splicer.checks)
             if step.window_end is not None and step.window_end > len(res.device_indices):
                 state.windows += 1
                 _set_window(req, state, step.window_end)
@@ -438,30 +420,6 @@ class LeylineRadixCache(RadixCache):
                 _set_window(req, state, None)
             return res
         return res
-
-    def _sources(
-        self, step: Step, base: Any, base_dev: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Donor slots and deltas of a step on the pool's device. Runs copied from a contiguous
-        stretch of the base are slices of its device slot list (no host-to-device copy, which
-        would wait for the GPU); only chunk-index donors travel from the host."""
-        assert self.binding is not None
-        dev = self.binding.k[0].device
-        srcs: list[torch.Tensor] = []
-        deltas: list[torch.Tensor] = []
-        for run in step.runs:
-            n = len(run.src_slots)
-            p0 = int(run.src_positions[0])
-            contiguous = int(run.src_positions[-1]) - p0 == n - 1
-            if (
-                base is not None and base_dev is not None and contiguous and p0 + n <= len(base)
-                and np.array_equal(run.src_slots, base.slots[p0 : p0 + n])
-            ):  # fmt: skip
-                srcs.append(base_dev[p0 : p0 + n].to(dev))
-            else:
-                srcs.append(torch.as_tensor(run.src_slots, dtype=torch.int64).to(dev))
-            deltas.append(torch.full((n,), run.start - p0, dtype=torch.int64, device=dev))
-        return torch.cat(srcs), torch.cat(deltas)
 
     def _fill(
         self,
@@ -474,7 +432,6 @@ class LeylineRadixCache(RadixCache):
         evict: bool = True,
     ) -> bool:
         """Allocate ``len(src)`` slots after the match, splice into them, insert; False if full."""
-        assert self.binding is not None
         n = len(src)
         locked = [d for d in donors if d is not None]
         for d in locked:
@@ -488,18 +445,8 @@ class LeylineRadixCache(RadixCache):
             if dst is None:
                 logger.info("leyline: no free KV slots for a %d-token extension", n)
                 return False
-            dev = self.binding.k[0].device
-            delta_d = torch.as_tensor(delta, dtype=torch.int64).to(dev)
-            splice_kv(
-                self.binding.k, self.binding.v, src.to(dev), dst.to(dev), delta_d,
-                layout=self.binding.layout,
-                inv_freq=self._inv_freq_on(dev),
-                interleaved=self.binding.rope.interleaved,
-                impl=self.leyline_config.kernel_impl,
-                pointers=self._kv_pointers(),
-            )  # fmt: skip
-            if self.leyline_config.verify_splices:
-                self._verify(src.to(dev), dst.to(dev), delta_d)
+            assert self.splicer is not None
+            self.splicer.splice(src, dst, torch.as_tensor(delta))
             lo = len(res.device_indices)
             value = torch.cat([res.device_indices.to(dst.device), dst])
             result = self.insert(InsertParams(key=ns_key[: lo + n], value=value))
@@ -509,59 +456,10 @@ class LeylineRadixCache(RadixCache):
             for d in locked:
                 self.dec_lock_ref(d)
 
-    def _verify(self, src: torch.Tensor, dst: torch.Tensor, delta: torch.Tensor) -> None:
-        """Compare the spliced rows with the core's `rotate` of the donor rows (and V/latent
-        bit-exact); the totals land in `splice_checks` and in the request's notes."""
-        assert self.binding is not None
-        b, lay = self.binding, self.binding.layout
-        worst, v_equal = 0.0, True
-        for layer in range(lay.num_layers):
-            want = rotate(b.k[layer][src], delta[:, None], b.rope, offset=lay.rope_offset)
-            got = b.k[layer][dst]
-            worst = max(worst, float((got.float() - want.float()).abs().max()))
-            if b.v is not None:
-                v_equal &= bool(torch.equal(b.v[layer][dst], b.v[layer][src]))
-            lo, hi = lay.rope_offset, lay.rope_offset + lay.rope_dim
-            outside = torch.ones(got.shape[-1], dtype=torch.bool, device=got.device)
-            outside[lo:hi] = False
-            v_equal &= bool(torch.equal(got[..., outside], b.k[layer][src][..., outside]))
-        c = self.splice_checks
-        c["rows"] += len(src)
-        c["max_abs_err"] = max(c["max_abs_err"], worst)
-        c["bit_exact_outside_rope"] &= v_equal
-
-    def _kv_pointers(self) -> KVPointers | None:
-        """The pool's layer-offset tables for the Triton kernel, built once (not per splice)."""
-        assert self.binding is not None
-        if self._pointers is None and self.binding.k[0].is_cuda:
-            self._pointers = kv_pointers(self.binding.k, self.binding.v)
-        return self._pointers
-
-    def _inv_freq_on(self, dev: torch.device) -> torch.Tensor:
-        assert self.binding is not None
-        inv_freq = self._inv_freq.get(dev)
-        if inv_freq is None:  # once per device, not a host-to-device copy per request
-            inv_freq = self._inv_freq[dev] = self.binding.rope.inv_freq_tensor(dev)
-        return inv_freq
-
     def warm_up(self) -> None:
-        """Compile the splice kernel now, not inside the first request (a ~1 s stall was seen).
-
-        Splices the reserved padding slot 0 onto itself with delta 0 (its rows stay bit-equal);
-        the launcher makes every later call run this same compiled variant.
-        """
-        if self.binding is None:
-            return
-        dev = self.binding.k[0].device
-        zero = torch.zeros(1, dtype=torch.int64, device=dev)
-        splice_kv(
-            self.binding.k, self.binding.v, zero, zero, zero,
-            layout=self.binding.layout, inv_freq=self._inv_freq_on(dev),
-            interleaved=self.binding.rope.interleaved, impl=self.leyline_config.kernel_impl,
-            pointers=self._kv_pointers(),
-        )  # fmt: skip
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        """Compile the splice kernel at start-up (see `PoolSplicer.warm_up`)."""
+        if self.splicer is not None:
+            self.splicer.warm_up()
 
 
 def _set_window(req: Any, state: RequestState, end: int | None) -> None:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from leyline.server.core.rope import UnsupportedRope
-from leyline.server.sglang.cache import LeylineCacheConfig, LeylineRadixCache, PoolBinding
+from leyline.server.sglang.cache import LeylineCacheConfig, LeylineRadixCache
+from leyline.server.sglang.pool import PoolBinding
 from leyline.server.sglang.rotary import rope_specs_from_model
 from leyline.server.sglang.windows import install_window_hooks
 

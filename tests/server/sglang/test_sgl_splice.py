@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from sglang.srt.layers.rotary_embedding import get_rope  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams  # noqa: E402
 
-from leyline.server.sglang.cache import LeylineRadixCache, PoolBinding  # noqa: E402
+from leyline.server.sglang.cache import LeylineRadixCache  # noqa: E402
+from leyline.server.sglang.pool import PoolBinding  # noqa: E402
 from leyline.server.sglang.rotary import rope_spec_from_module  # noqa: E402
 
 N1, CUT_A, CUT_B, TURN = 97, 29, 46, 11  # base length, deleted span [A, B), new turn

@@ -28,11 +28,8 @@ from sglang.srt.managers.schedule_policy import PrefillAdder  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams  # noqa: E402
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
-from leyline.server.sglang.cache import (  # noqa: E402
-    LeylineCacheConfig,
-    LeylineRadixCache,
-    PoolBinding,
-)
+from leyline.server.sglang.cache import LeylineCacheConfig, LeylineRadixCache  # noqa: E402
+from leyline.server.sglang.pool import PoolBinding  # noqa: E402
 from leyline.server.sglang.rotary import rope_spec_from_module  # noqa: E402
 from leyline.server.sglang.windows import WINDOW_ATTR, install_window_hooks  # noqa: E402
 
@@ -352,5 +349,5 @@ def test_splice_verification_reports_rows_checked_against_the_core_rotate() -> N
     assert checks["rows"] == len(B) and checks["bit_exact_outside_rope"] is True
     assert checks["max_abs_err"] < 1e-4
     # A corrupted splice is caught: rotate the wrong way and the check reports it.
-    w.cache._verify(torch.tensor([1]), torch.tensor([2]), torch.tensor([5]))
-    assert w.cache.splice_checks["max_abs_err"] > 1e-3
+    w.cache.splicer.check(torch.tensor([1]), torch.tensor([2]), torch.tensor([5]))
+    assert w.cache.splicer.checks["max_abs_err"] > 1e-3
