@@ -117,8 +117,8 @@ class RequestState:
         edit = self.alignment.edits[j]
         planned = self.outcomes[j] if j < len(self.outcomes) else None
         if planned is None or planned.status != "applied":
-            why = planned.reason if planned is not None else "not planned"
-            return _outcome(j, "ignored", why, 0)
+            why = planned.reason if planned is not None else "; ".join(self.shortfalls)
+            return _outcome(j, "ignored", why or "the edit could not be planned", 0)
         if edit.mode == "forget":
             return _outcome(j, "applied", None, 0)
         lo, hi = self._kept_segment(j)

@@ -351,3 +351,22 @@ def test_splice_verification_reports_rows_checked_against_the_core_rotate() -> N
     # A corrupted splice is caught: rotate the wrong way and the check reports it.
     w.cache.splicer.check(torch.tensor([1]), torch.tensor([2]), torch.tensor([5]))
     assert w.cache.splicer.checks["max_abs_err"] > 1e-3
+
+
+def test_retraction_between_windows_resumes_from_the_cached_part() -> None:
+    """SGLang retracts a chunked request under memory pressure (``release_kv_cache`` without
+    insert, ``Req.reset_for_retract``) and admits it again later: the window and the splice
+    behind it stay cached, so the second admission prefills only the turn."""
+    w = World()
+    _base(w, SYS + A + B)
+    new = SYS + A_SHORT + B + TURN
+    req = make_req("r2", new, _payload(2, 1, ["amortize"]))
+    w.prefilled = 0
+    w.serve(req, abort_after=1)  # the first round, cached, then released without insert
+    req.reset_for_retract()
+    assert w.cache.protected_size() == 0
+    rounds = w.serve(req)
+    assert rounds == [(len(SYS) + len(A_SHORT) + len(B), len(new))]
+    assert w.prefilled == len(A_SHORT) + len(TURN)
+    w.assert_fresh_prefill_kv(new)
+    w.assert_no_leak()
