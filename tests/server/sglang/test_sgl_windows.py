@@ -179,6 +179,14 @@ SYS, A, B, TURN = _toks(1, 60), _toks(2, 240), _toks(3, 300), _toks(4, 40)
 A_SHORT = _toks(5, 20)
 
 
+def _two_edits() -> tuple[World, list[int], list[int]]:
+    """A served base, and a request that truncates A and replaces a 50-token span before C."""
+    w = World()
+    c = _toks(6, 200)
+    _base(w, SYS + A + B + _toks(7, 50) + c)
+    return w, c, SYS + A_SHORT + B + _toks(8, 9) + c + TURN
+
+
 @pytest.mark.parametrize("chunk", [4096, 16, None])
 def test_replacement_prefills_only_the_window_and_the_turn(chunk) -> None:
     """Truncating an old tool output: the short replacement is one window, the suffix after it
@@ -210,11 +218,7 @@ def test_replacement_prefills_only_the_window_and_the_turn(chunk) -> None:
 
 
 def test_two_windows_in_one_request() -> None:
-    w = World()
-    c = _toks(6, 200)
-    base = SYS + A + B + _toks(7, 50) + c
-    _base(w, base)
-    new = SYS + A_SHORT + B + _toks(8, 9) + c + TURN
+    w, c, new = _two_edits()
     req = make_req("r2", new, _payload(2, 1, ["amortize", "amortize"]))
     w.prefilled = 0
     rounds = w.serve(req)
@@ -229,11 +233,7 @@ def test_two_windows_in_one_request() -> None:
 
 def test_mixed_amortize_and_forget_with_an_appended_turn() -> None:
     """One outcome per client directive; FORGET recomputes from its edit on (exact)."""
-    w = World()
-    c = _toks(6, 200)
-    base = SYS + A + B + _toks(7, 50) + c
-    _base(w, base)
-    new = SYS + A_SHORT + B + _toks(8, 9) + c + TURN
+    w, _c, new = _two_edits()
     req = make_req("r2", new, _payload(2, 1, ["amortize", "forget"]))
     w.serve(req)
     info = _info(req)
@@ -265,11 +265,7 @@ def test_moved_block_is_copied_whole_without_windows() -> None:
 
 
 def test_abort_between_windows_leaks_nothing() -> None:
-    w = World()
-    c = _toks(6, 200)
-    base = SYS + A + B + _toks(7, 50) + c
-    _base(w, base)
-    new = SYS + A_SHORT + B + _toks(8, 9) + c + TURN
+    w, _c, new = _two_edits()
     req = make_req("r2", new, _payload(2, 1, ["amortize", "amortize"]))
     rounds = w.serve(req, abort_after=1)
     assert len(rounds) == 1 and getattr(req, WINDOW_ATTR) is None
