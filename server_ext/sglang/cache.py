@@ -134,6 +134,7 @@ class LeylineRadixCache(RadixCache):
             else PoolSplicer(binding, config.kernel_impl, verify=config.verify_splices)
         )  # fmt: skip
         self._evictions = 0
+        self._evicted: list[torch.Tensor] = []  # values of evicted leaves, see `_index`
         super().__init__(params)
 
     @classmethod
@@ -158,16 +159,27 @@ class LeylineRadixCache(RadixCache):
 
     def reset(self) -> None:
         super().reset()
+        self._evicted = []
         self.index.clear()
         self.sessions.clear()
         self._evictions = getattr(self, "_evictions", 0) + 1
 
     def _delete_leaf(self, node: TreeNode) -> None:
-        # Evicted slots are freed and may be reallocated: their index entries die first.
+        # Evicted slots are freed and may be reallocated: their index entries must die before
+        # the index is read or written again (`_index`). Collected here, dropped in one batch:
+        # a host copy per evicted leaf would wait for the GPU once per leaf.
         if node.value is not None and len(node.value):
-            self.index.drop_slots(node.value.cpu().numpy())
+            self._evicted.append(node.value)
         self._evictions += 1  # cached copies of slot lists (RequestState.base) may be stale
         super()._delete_leaf(node)
+
+    def _index(self) -> ContentIndex:
+        """The content index, with the entries of every evicted slot removed."""
+        if self._evicted:
+            slots = torch.cat([v.to(torch.int64) for v in self._evicted]).cpu().numpy()
+            self._evicted.clear()
+            self.index.drop_slots(slots)
+        return self.index
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         req = params.req
@@ -267,7 +279,7 @@ class LeylineRadixCache(RadixCache):
             # chunks would only be indexed again (this runs before SGLang sends the response).
             start = state.indexed_from if state is not None else 0
             if n > start:
-                self.index.add_sequence(
+                self._index().add_sequence(
                     np.asarray(tokens[:n], dtype=np.int64), slots.cpu().numpy(),
                     salt=_tenant(req.extra_key), start=start,
                 )  # fmt: skip
@@ -299,7 +311,11 @@ class LeylineRadixCache(RadixCache):
             return res
         src = exact_res.device_indices[lo:hi]
         ns_key = RadixKey(raw, ns)
-        if self._fill(res, src, np.zeros(hi - lo, np.int64), [exact_res.last_device_node], ns_key):
+        zeros, donors = np.zeros(hi - lo, np.int64), [exact_res.last_device_node]
+        # The donor path is locked while evicting, so the second try needs no re-plan.
+        if self._fill(res, src, zeros, donors, ns_key) or self._fill(
+            res, src, zeros, donors, ns_key, evict=False
+        ):
             return super().match_prefix(MatchPrefixParams(key=ns_key))
         return res
 
@@ -385,7 +401,7 @@ class LeylineRadixCache(RadixCache):
                 exact_slots=np.zeros(exact_len, np.int64),  # exact runs are used in place
                 base=base_seq,
                 directives=directives,
-                index=self.index if use_index else None,
+                index=self._index() if use_index else None,
                 salt=_tenant(ns),
                 moved=state.moved if base_seq is not None else (),
             )
@@ -431,7 +447,8 @@ class LeylineRadixCache(RadixCache):
         *,
         evict: bool = True,
     ) -> bool:
-        """Allocate ``len(src)`` slots after the match, splice into them, insert; False if full."""
+        """Allocate ``len(src)`` slots after the match, splice into them, insert. False when the
+        pool is full (after evicting, with ``evict``: the caller re-plans and tries again)."""
         n = len(src)
         locked = [d for d in donors if d is not None]
         for d in locked:
@@ -439,11 +456,13 @@ class LeylineRadixCache(RadixCache):
         try:
             alloc = self.token_to_kv_pool_allocator
             dst = alloc.alloc(n)
-            if dst is None and evict:
-                self.evict(EvictParams(num_tokens=n - alloc.available_size()))
-                dst = alloc.alloc(n)
             if dst is None:
-                logger.info("leyline: no free KV slots for a %d-token extension", n)
+                if evict:
+                    # The eviction may free a chunk donor (only the match and the base are
+                    # locked): the caller re-plans and allocates again without evicting.
+                    self.evict(EvictParams(num_tokens=n - alloc.available_size()))
+                else:
+                    logger.info("leyline: no free KV slots for a %d-token extension", n)
                 return False
             assert self.splicer is not None
             self.splicer.splice(src, dst, torch.as_tensor(delta))

@@ -208,7 +208,7 @@ def test_splice_then_evict_keeps_invariant_and_drops_index() -> None:
     cache.evict(EvictParams(num_tokens=10**6))
     assert cache.evictable_size() == 0 and cache.protected_size() == 0
     assert stack.alloc.available_size() == stack.size
-    assert len(cache.index) == 0  # entries die with their slots
+    assert len(cache._index()) == 0  # entries die with their slots, before the next lookup
     cache.reset()
     assert len(cache.sessions) == 0
 

@@ -78,6 +78,9 @@ class World:
         if req.req_pool_idx is None:
             (req.req_pool_idx,) = self.stack.req_to_token.alloc([req])
         new = self.stack.alloc.alloc(e - s)
+        if new is None:  # as SGLang's alloc_for_extend: evict unlocked leaves, then allocate
+            self.cache.evict(EvictParams(num_tokens=e - s - self.stack.alloc.available_size()))
+            new = self.stack.alloc.alloc(e - s)
         assert new is not None, "tests size their pools so a round always fits"
         toks = torch.tensor(list(req.full_untruncated_fill_ids[s:e]))
         pos = torch.arange(s, e)
@@ -364,5 +367,33 @@ def test_retraction_between_windows_resumes_from_the_cached_part() -> None:
     rounds = w.serve(req)
     assert rounds == [(len(SYS) + len(A_SHORT) + len(B), len(new))]
     assert w.prefilled == len(A_SHORT) + len(TURN)
+    w.assert_fresh_prefill_kv(new)
+    w.assert_no_leak()
+
+
+def test_evicting_a_chunk_donor_to_make_room_replans_without_it() -> None:
+    """The copy behind a window needs slots and only the donor's own sequence can be evicted:
+    the donor's chunks leave the index with it and the plan is redone (its tokens are
+    prefilled), instead of copying from slots that were just freed (possibly into themselves)."""
+    donor = _toks(12, 1200)
+    head = _toks(13, 40)
+    new = head + donor + TURN
+    payload = {"session": "t", "version": 1, "base_version": None}
+    dry = World()  # where the window before the reused chunks ends
+    dry.serve(make_req("donor", donor, None))
+    probe = make_req("probe", new, payload)
+    probe.init_next_round_input(dry.cache)
+    window_end = getattr(probe, WINDOW_ATTR)
+    assert window_end is not None
+    # The window fits, the copy behind it does not until the donor is evicted.
+    w = World(size=len(donor) + window_end + 45)
+    w.serve(make_req("donor", donor, None))  # indexed for content reuse, evictable
+    assert len(w.cache._index()) > 0
+    req = make_req("r", new, payload)
+    w.prefilled = 0
+    w.serve(req)
+    info = _info(req)
+    assert info["tokens"]["chunk_reused"] == 0, info
+    assert w.prefilled == len(new)
     w.assert_fresh_prefill_kv(new)
     w.assert_no_leak()
