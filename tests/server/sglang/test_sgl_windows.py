@@ -397,3 +397,28 @@ def test_evicting_a_chunk_donor_to_make_room_replans_without_it() -> None:
     assert w.prefilled == len(new)
     w.assert_fresh_prefill_kv(new)
     w.assert_no_leak()
+
+
+def test_a_window_never_makes_a_second_chunked_request_in_one_round() -> None:
+    """SGLang keeps one chunked request: while another request's chunk uses this round's
+    budget, a request with a window waits; when it is admitted, the round's budget is spent."""
+    w = World()
+    _base(w, SYS + A + B)
+    windowed = make_req("r2", SYS + A_SHORT + B + TURN, _payload(2, 1, ["amortize"]))
+    windowed.init_next_round_input(w.cache)
+    assert getattr(windowed, WINDOW_ATTR) is not None
+    other = make_req("other", _toks(20, 400), None)
+    other.init_next_round_input(w.cache)
+    adder = w.adder(100)
+    adder.add_one_req(other, has_chunked_req=False, truncation_align_size=None)
+    assert adder.new_chunked_req is other and adder.rem_chunk_tokens == 0
+    adder.add_one_req(windowed, has_chunked_req=True, truncation_align_size=None)
+    assert adder.can_run_list == [other]  # not admitted in this round
+    # Next round, with budget: admitted, chunk ends at the window, budget spent.
+    w.cache.dec_lock_ref(other.last_node)
+    adder = w.adder(4096)
+    adder.add_one_req(windowed, has_chunked_req=False, truncation_align_size=None)
+    assert adder.new_chunked_req is windowed
+    assert windowed.extend_range.end == getattr(windowed, WINDOW_ATTR)
+    assert adder.rem_chunk_tokens == 0
+    w.cache.dec_lock_ref(windowed.last_node)
