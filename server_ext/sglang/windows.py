@@ -122,13 +122,13 @@ def _capped(original: Callable[..., Any], adder: Any, req: Any, *args: Any, **kw
             finally:
                 adder.rem_chunk_tokens = None
         return original(adder, req, *args, **kwargs)
-    end = len(req.prefix_indices) + cap
     adder.rem_chunk_tokens = cap
+    out = None
     try:
         out = original(adder, req, *args, **kwargs)
     finally:
-        added = bool(adder.can_run_list) and adder.can_run_list[-1] is req
-        if added and req.extend_range.end == end:
+        chunked = adder.new_chunked_req is req or out is req  # add_chunked_req returns it
+        if chunked:
             adder.rem_chunk_tokens = 0  # this round's chunk ends here, as SGLang's own would
         else:
             used = cap - adder.rem_chunk_tokens
