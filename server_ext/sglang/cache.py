@@ -426,7 +426,7 @@ class LeylineRadixCache(RadixCache):
                     _set_window(req, state, None)
                     return res
                 res = super().match_prefix(MatchPrefixParams(key=ns_key))
-                state.mark(np.arange(exact_len, exact_len + len(step)), step.kinds)
+                state.mark(step.runs)
                 if self.splicer is not None and self.splicer.verify:
                     state.checks = dict(self.splicer.checks)
             if step.window_end is not None and step.window_end > len(res.device_indices):

@@ -59,10 +59,12 @@ class RequestState:
 
     # ----- recording -----
 
-    def mark(self, positions: np.ndarray, kinds: np.ndarray) -> None:
-        """Positions filled by a copy: ``kinds`` 0 spliced, 1 chunk (the planner's order)."""
-        inside = positions < self.prompt_len
-        self.served[positions[inside]] = np.where(kinds[inside] == 0, SPLICED, CHUNK)
+    def mark(self, runs: Any) -> None:
+        """Positions filled by the plan's copy ``runs`` (``spliced`` or ``chunk`` `Run` s)."""
+        for r in runs:
+            self.served[r.start : min(r.end, self.prompt_len)] = (
+                SPLICED if r.kind == "spliced" else CHUNK
+            )
 
     def shortfall(self, why: str) -> None:
         """Why some planned reuse was not served (reported with the affected directives)."""

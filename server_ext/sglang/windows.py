@@ -29,8 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 __all__ = [
     "HOOK_TARGETS",
     "WINDOW_ATTR",
@@ -51,32 +49,21 @@ class Step:
     """Copy runs to fill now at ``start`` (contiguous with the match) and the next window end."""
 
     start: int
-    src: np.ndarray  # donor slots
-    delta: np.ndarray  # position shift per token
-    kinds: np.ndarray  # 0 spliced, 1 chunk
+    runs: tuple[Any, ...]  # the plan's copy runs filled now (one delta each)
     window_end: int | None
     skipped: int  # copy tokens after the windows that will be recomputed (too short/too many)
-    runs: tuple[Any, ...] = ()  # the plan's copy runs filled now (one delta each)
 
     def __len__(self) -> int:
-        return len(self.src)
+        return sum(len(r) for r in self.runs)
 
 
 def next_step(plan: Any, start: int, *, min_copy_run: int, windows_left: int) -> Step:
     """Split ``plan`` (a core `Plan`) at ``start``: the leading copy runs, then the next window."""
     runs = [r for r in plan.runs if r.end > start]
-    src: list[np.ndarray] = []
-    delta: list[np.ndarray] = []
-    kinds: list[np.ndarray] = []
     pos, i = start, 0
-    taken = []
     while i < len(runs) and runs[i].kind in _COPY and runs[i].start == pos:
-        r = runs[i]
-        taken.append(r)
-        src.append(np.asarray(r.src_slots, np.int64))
-        delta.append(np.arange(r.start, r.end, dtype=np.int64) - r.src_positions)
-        kinds.append(np.full(len(r), 0 if r.kind == "spliced" else 1, np.int8))
-        pos, i = r.end, i + 1
+        pos, i = runs[i].end, i + 1
+    taken = tuple(runs[:i])
     window_end: int | None = None
     skipped = 0
     while i < len(runs):
@@ -91,11 +78,7 @@ def next_step(plan: Any, start: int, *, min_copy_run: int, windows_left: int) ->
             window_end = g0
         elif window_end is None:
             skipped += g1 - g0
-    if not src:
-        z = np.zeros(0, np.int64)
-        return Step(start, z, z, z.astype(np.int8), window_end, skipped)
-    return Step(start, np.concatenate(src), np.concatenate(delta), np.concatenate(kinds),
-                window_end, skipped, tuple(taken))  # fmt: skip
+    return Step(start, taken, window_end, skipped)
 
 
 def _window_cap(req: Any) -> int | None:
