@@ -26,36 +26,20 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sglang_server import CASES, Shape, Texts, conversation, edit, extend
+from sglang_server import CASES, Runner, Shape, Texts, conversation, edit, extend
 
 SHAPE = Shape(system=1024, first_output=512, other_outputs=768, outputs=6, turn=128)
 
 
-class Client:
-    def __init__(self, base_url: str) -> None:
-        import openai
+class Client(Runner):
+    """The benchmark's runner plus greedy replies as tokens and ``/flush_cache``."""
 
+    def __init__(self, base_url: str) -> None:
+        super().__init__(base_url, leyline=True)
         self.root = base_url.rsplit("/v1", 1)[0]
-        self.client = openai.OpenAI(base_url=base_url, api_key="-", timeout=300)
 
     def ask(self, msgs: list[dict], session: Any = None, mode: str = "amortize") -> dict:
-        extra: dict[str, Any] = {}
-        prepared = None
-        if session is not None:
-            from leyline import Mode
-
-            prepared = session.prepare(msgs, default_mode=Mode(mode))
-            payload = prepared.payload()
-            for d in payload["directives"]:
-                d["mode"] = mode
-            extra = {"custom_params": {"leyline": json.dumps(payload)}}
-        resp = self.client.chat.completions.create(
-            model="default", messages=msgs, max_tokens=24, temperature=0, logprobs=True,
-            extra_body=extra,
-        )  # fmt: skip
-        if prepared is not None:
-            session.commit(prepared)
-        body = resp.model_dump()
+        _, body = self.chat(msgs, session, mode, max_tokens=24, logprobs=True)
         tokens = [t["token"] for t in body["choices"][0]["logprobs"]["content"]]
         return {"tokens": tokens, "leyline": body.get("leyline")}
 

@@ -203,20 +203,33 @@ class Runner:
         self.leyline = leyline
         self.model = model
 
-    def send(self, msgs: list[dict], session: Any) -> tuple[float, dict[str, Any]]:
+    def chat(
+        self, msgs: list[dict], session: Any = None, mode: str | None = None, **params: Any
+    ) -> tuple[float, dict[str, Any]]:
+        """One greedy chat request (wall ms, response body). With a `leyline.Session` the
+        payload travels in SGLang's ``custom_params`` and the session commits on success;
+        ``mode`` sets every directive's mode."""
+        from leyline.server.sglang.payload import to_custom_params
+
         extra: dict[str, Any] = {}
         prepared = None
         if session is not None:
             prepared = session.prepare(msgs)
-            extra = {"custom_params": {"leyline": json.dumps(prepared.payload())}}
+            payload = prepared.payload()
+            for d in payload["directives"] if mode is not None else ():
+                d["mode"] = mode
+            extra = {"custom_params": to_custom_params(payload)}
         t = time.perf_counter()
         resp = self.client.chat.completions.create(
-            model=self.model, messages=msgs, max_tokens=1, temperature=0, extra_body=extra
+            model=self.model, messages=msgs, temperature=0, extra_body=extra, **params
         )
         ms = (time.perf_counter() - t) * 1e3
         if prepared is not None:
             session.commit(prepared)
-        body = resp.model_dump()
+        return ms, resp.model_dump()
+
+    def send(self, msgs: list[dict], session: Any) -> tuple[float, dict[str, Any]]:
+        ms, body = self.chat(msgs, session, max_tokens=1)
         details = (body.get("usage") or {}).get("prompt_tokens_details") or {}
         info = {
             "prompt_tokens": body["usage"]["prompt_tokens"],
