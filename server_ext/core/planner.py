@@ -334,6 +334,14 @@ def build_plan(
     return Plan(runs, outcomes)
 
 
+def _allowed(slots: np.ndarray, forbidden: np.ndarray | None) -> np.ndarray | bool:
+    """Mask of ``slots`` outside the sorted ``forbidden`` slots (FORGET's edited-away KV)."""
+    if forbidden is None or not forbidden.size:
+        return True
+    at = np.minimum(np.searchsorted(forbidden, slots), forbidden.size - 1)
+    return forbidden[at] != slots
+
+
 def _apply_moved(
     req: np.ndarray,
     kind: np.ndarray,
@@ -358,10 +366,7 @@ def _apply_moved(
         at = np.arange(r_pos, r_end)
         src = np.arange(b_pos, b_end)
         ok = (kind[at] == _RECOMPUTE) & (req[at] == base.tokens[src]) & (at >= lo)
-        if forbidden is not None and forbidden.size:
-            slots = base.slots[src]
-            hit = np.minimum(np.searchsorted(forbidden, slots), forbidden.size - 1)
-            ok &= forbidden[hit] != slots
+        ok &= _allowed(base.slots[src], forbidden)
         at, src = at[ok], src[ok]
         kind[at], src_slot[at], src_pos[at] = _CHUNK, base.slots[src], src
 
@@ -391,10 +396,7 @@ def _chunk_hits(
         entry = index.lookup(key, t[s:e])
         if entry is None:
             continue
-        use = eligible[s:e]
-        if forbidden is not None and forbidden.size:
-            at = np.minimum(np.searchsorted(forbidden, entry.slots), forbidden.size - 1)
-            use = use & (forbidden[at] != entry.slots)
+        use = eligible[s:e] & _allowed(entry.slots, forbidden)
         off = np.flatnonzero(use)
         hits.append((s + off, entry.slots[off], entry.positions[off]))
     if not hits:
