@@ -3,8 +3,9 @@
 Each case is a conversation of ~17.7K prompt tokens (a 4K-token system prompt, six tool calls
 with outputs, the first output ~1K tokens) that is served once, then edited and extended by a
 reply and a 256-token user turn; the second request is timed (wall time of a non-streaming
-``max_tokens=1`` request, as a client sees it). Every case and repetition uses fresh content (its
-own seed from the first token on), so the first request is always cold and the timed one never repeats.
+``max_tokens=1`` request, as a client sees it). Every case and repetition uses fresh content
+(its own seed from the first token on), so the first request is always cold and the timed one
+never repeats.
 
 Cases: ``cold`` (the first request), ``floor`` (exact repeat + the new turn), ``delete`` (the
 1K tool output removed), ``truncate`` (it cut to 200 characters), ``clear`` (it replaced by a
@@ -285,7 +286,10 @@ def report(paths: list[str]) -> str:
     lines = []
     head = "| request | " + " | ".join(f"{r['label']} (ms)" for r in runs)
     if base and ley:
-        head += " | leyline / its floor | default / leyline | leyline tokens (exact/spliced/chunk/recomputed, windows) |"
+        head += (
+            " | leyline / its floor | default / leyline"
+            " | leyline tokens (exact/spliced/chunk/recomputed, windows) |"
+        )
     else:
         head += " |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]

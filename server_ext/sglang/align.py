@@ -7,8 +7,9 @@ regions closer than ``merge_gap`` tokens merge (a truncation that keeps a head s
 with the original). The region at the prompt's end (the base's generation prompt and output
 against the history the client rendered) is the turn boundary, not a client edit. Edits pair
 with the client's directives in order when the counts agree; when they do not, every edit gets
-the directives' common mode, or FORGET when the modes are mixed. The prompt stays the source of truth: each span is read off the two
-token sequences, so applying the edits to the base always yields the request's tokens.
+the directives' common mode, or FORGET when the modes are mixed. The prompt stays the source of
+truth: each span is read off the two token sequences, so applying the edits to the base always
+yields the request's tokens.
 
 The diff is vectorised (numpy, no per-token Python loop; 16K tokens in well under a
 millisecond of Python): k-grams (``k = merge_gap`` clamped to [2, 32]) that occur exactly once
@@ -212,7 +213,8 @@ def align_edits(
     """
     if not modes:
         return Alignment((), True, None)
-    regions = [r for r in edit_regions(base, new, merge_gap) if r[1] <= base_prompt_len - merge_gap]
+    last = base_prompt_len - merge_gap  # regions ending later are the turn boundary
+    regions = [r for r in edit_regions(base, new, merge_gap) if r[1] <= last]
     if not regions:
         return Alignment(
             (), False, "the request's tokens show no edit inside the base prompt before its end"

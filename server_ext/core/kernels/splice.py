@@ -30,8 +30,8 @@ interpreter truncates instead, so interpreted results may sit one bf16 ulp off).
 
 Bytes moved: ``n * layout.bytes_per_token(itemsize)`` read plus the same written (plus 24 B of
 indices per token, packed by the launcher into one ``(3, n)`` int64 buffer so that every call
-runs the same compiled variant), i.e. exactly a gather/scatter copy; the rotation is free when the kernel
-is bandwidth bound. Preconditions the launcher cannot check without a device sync: slot
+runs the same compiled variant), i.e. exactly a gather/scatter copy; the rotation is free when
+the kernel is bandwidth bound. Preconditions the launcher cannot check without a device sync: slot
 indices in range, ``dst`` disjoint from ``src`` and free of duplicates.
 """
 
