@@ -395,6 +395,7 @@ class LeylineRadixCache(RadixCache):
         use_index = state.opts.content_reuse and cfg.content_reuse
         for attempt in range(2):
             exact_len = len(res.device_indices)
+            t0 = time.perf_counter()
             plan = build_plan(
                 tokens,
                 exact_len=exact_len,
@@ -409,12 +410,14 @@ class LeylineRadixCache(RadixCache):
                 state.outcomes, state.base_len = plan.outcomes, len(base_seq)
             step = next_step(plan, exact_len, min_copy_run=cfg.min_copy_run,
                              windows_left=cfg.max_windows - state.windows)  # fmt: skip
+            state.time("plan", t0)
             if step.skipped:
                 state.shortfall(
                     f"{step.skipped} copy tokens behind a window recomputed (runs under "
                     f"{cfg.min_copy_run} tokens, or over {cfg.max_windows} windows)"
                 )
             if len(step):
+                t0 = time.perf_counter()
                 donors = [res.last_device_node] + ([base_node] if base_node is not None else [])
                 assert self.splicer is not None
                 src, delta = self.splicer.sources(step.runs, base_seq, base_dev)
@@ -426,6 +429,7 @@ class LeylineRadixCache(RadixCache):
                     _set_window(req, state, None)
                     return res
                 res = super().match_prefix(MatchPrefixParams(key=ns_key))
+                state.time("splice", t0)
                 state.mark(step.runs)
                 if self.splicer is not None and self.splicer.verify:
                     state.checks = dict(self.splicer.checks)
