@@ -135,6 +135,7 @@ class LeylineRadixCache(RadixCache):
         )  # fmt: skip
         self._evictions = 0
         self._evicted: list[torch.Tensor] = []  # values of evicted leaves, see `_index`
+        self._staged: list[tuple[torch.Tensor, Any]] = []  # their host copies in flight
         super().__init__(params)
 
     @classmethod
@@ -159,26 +160,50 @@ class LeylineRadixCache(RadixCache):
 
     def reset(self) -> None:
         super().reset()
-        self._evicted = []
+        self._evicted, self._staged = [], []
         self.index.clear()
         self.sessions.clear()
         self._evictions = getattr(self, "_evictions", 0) + 1
 
     def _delete_leaf(self, node: TreeNode) -> None:
         # Evicted slots are freed and may be reallocated: their index entries must die before
-        # the index is read or written again (`_index`). Collected here, dropped in one batch:
-        # a host copy per evicted leaf would wait for the GPU once per leaf.
+        # the index is read or written again (`_index`). Collected here, copied to the host
+        # once per eviction (`evict`), dropped in one batch when the index is next used.
         if node.value is not None and len(node.value):
             self._evicted.append(node.value)
         self._evictions += 1  # cached copies of slot lists (RequestState.base) may be stale
         super()._delete_leaf(node)
 
+    def evict(self, params: EvictParams) -> Any:
+        result = super().evict(params)
+        self._stage_evicted()
+        return result
+
+    def _stage_evicted(self) -> None:
+        """Start the host copy of the evicted slots now. SGLang evicts while it admits a batch,
+        before launching its forward; the next read of the index (often in the next round,
+        behind that forward) then finds the copy done instead of waiting for the forward."""
+        if not self._evicted:
+            return
+        dev = torch.cat([v.to(torch.int64) for v in self._evicted])
+        self._evicted.clear()
+        if dev.is_cuda:
+            host = torch.empty(dev.shape, dtype=torch.int64, pin_memory=True)
+            host.copy_(dev, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._staged.append((host, done))
+        else:
+            self._staged.append((dev.cpu(), None))
+
     def _index(self) -> ContentIndex:
         """The content index, with the entries of every evicted slot removed."""
-        if self._evicted:
-            slots = torch.cat([v.to(torch.int64) for v in self._evicted]).cpu().numpy()
-            self._evicted.clear()
-            self.index.drop_slots(slots)
+        self._stage_evicted()
+        for host, done in self._staged:
+            if done is not None:
+                done.synchronize()
+            self.index.drop_slots(host.numpy())
+        self._staged.clear()
         return self.index
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
@@ -321,8 +346,10 @@ class LeylineRadixCache(RadixCache):
 
     def _base(self, state: RequestState, ns: str) -> tuple[Any, TreeNode | None, Any]:
         """The session's base version as a planner `CachedSequence` (its still cached part),
-        its last node and its slots on the device. Reused while nothing was evicted: the slot
-        list is copied to the host once, not at every window (each copy waits for the GPU)."""
+        its last node and its slots on the device. The host copy of the slot list is reused
+        while the base still ends at the same radix node with the same length (evictions
+        remove leaves and splits keep slots, so the slots are unchanged): a copy to the host
+        waits for the forward in flight, ~10 ms between a window and the rest of the plan."""
         from leyline.server.core.planner import CachedSequence
 
         if state.base_tokens is None:
@@ -332,10 +359,13 @@ class LeylineRadixCache(RadixCache):
             return cached[1], cached[2], cached[3]
         b_tokens = state.base_tokens
         b_res = super().match_prefix(MatchPrefixParams(key=RadixKey(_arr(b_tokens), ns)))
-        b_slots = b_res.device_indices
-        seq = CachedSequence(tokens=b_tokens[: len(b_slots)], slots=b_slots.cpu().numpy())
-        state.base_cache = (self._evictions, seq, b_res.last_device_node, b_slots)
-        return seq, b_res.last_device_node, b_slots
+        b_slots, b_node = b_res.device_indices, b_res.last_device_node
+        if cached is not None and cached[2] is b_node and len(cached[1]) == len(b_slots):
+            seq = cached[1]
+        else:
+            seq = CachedSequence(tokens=b_tokens[: len(b_slots)], slots=b_slots.cpu().numpy())
+        state.base_cache = (self._evictions, seq, b_node, b_slots)
+        return seq, b_node, b_slots
 
     def _prepare(self, state: RequestState, tokens: np.ndarray) -> None:
         """Once per request: map the client's directives onto the base (token diff)."""

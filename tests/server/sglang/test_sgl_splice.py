@@ -246,3 +246,30 @@ def test_allocation_evicts_unlocked_nodes_but_not_the_donor() -> None:
     assert len(match(cache, make_req("o2", other, None)).device_indices) < len(other) - 1
     stack.alloc.free(grabbed)
     assert stack.invariant(cache) == stack.size
+
+
+def test_base_slots_stay_on_the_host_across_unrelated_evictions() -> None:
+    # The host copy of the base's slot list is reused while the base still ends at the same
+    # radix node (a copy to the host would wait for the forward in flight on a GPU).
+    from leyline.server.sglang.cache import _STATE_ATTR
+
+    stack, _rope, cache, model = _setup("mha", torch.bfloat16)
+    base, new = _tokens()
+    serve(cache, stack, make_req("r1", base, _payload(1, None)), model.writer(lambda p: p))
+    other = torch.randint(40000, 50000, (60,), generator=torch.Generator().manual_seed(1)).tolist()
+    serve(cache, stack, make_req("o", other, None), model.writer(lambda p: p))
+    r2 = make_req("r2", new, _payload(2, 1, ["amortize"]))
+    match(cache, r2)
+    state = getattr(r2, _STATE_ATTR)
+    seq, node, _ = cache._base(state, r2.extra_key)
+    assert seq is not None and len(seq) > N1 - 5
+    cache.inc_lock_ref(node)
+    cache.evict(EvictParams(num_tokens=10**6))  # the unrelated sequence and r2's copies go
+    assert len(match(cache, make_req("o2", other, None)).device_indices) == 0
+    again, node2, slots2 = cache._base(state, r2.extra_key)
+    assert again is seq and node2 is node and slots2.tolist() == seq.slots.tolist()
+    cache.dec_lock_ref(node)
+    cache.evict(EvictParams(num_tokens=10**6))  # now the base goes too: a fresh (empty) copy
+    gone, _, _ = cache._base(state, r2.extra_key)
+    assert gone is not seq and len(gone) == 0
+    assert len(cache._index()) == 0 and stack.invariant(cache) == stack.size
