@@ -17,7 +17,7 @@ echo "device: $DEV"
 speed() {  # NAME MODEL_DIR [server flags...]
   local tag=$1 model=$2; shift 2
   [ "${SGLANG_PREFILL_CUDA_GRAPH:-0}" = 1 ] && tag=${tag}_pcg  # prefill CUDA graphs kept
-  for backend in default leyline; do
+  for backend in ${BACKENDS:-default leyline}; do
     local flags=() ley=()
     [ $backend = leyline ] && { flags=(--radix-cache-backend leyline); ley=(--leyline); }
     sglang_start "${tag}_$backend" "$model" --load-format dummy --mem-fraction-static 0.8 "$@" \
@@ -27,6 +27,7 @@ speed() {  # NAME MODEL_DIR [server flags...]
       >> "$OUT/${tag}_bench.log" 2>&1 || { tail -20 "$OUT/${tag}_bench.log"; sglang_stop; return 1; }
     sglang_stop
   done
+  [ "${BACKENDS:-default leyline}" = "default leyline" ] || return 0
   python3 benchmarks/sglang_server.py report "$OUT/${tag}_default.json" "$OUT/${tag}_leyline.json" \
     | tee "$OUT/${tag}_table.md"
 }

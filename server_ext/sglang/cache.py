@@ -415,7 +415,9 @@ class LeylineRadixCache(RadixCache):
 
         cfg = self.leyline_config
         ns_key = RadixKey(raw, ns)
+        t0 = time.perf_counter()
         base_seq, base_node, base_dev = self._base(state, ns)
+        state.time("base", t0)
         directives = state.directives if base_seq is not None else []
         if base_seq is not None and directives and directives[-1].end > len(base_seq):
             # Part of the base version's KV was evicted: only edits inside what is left apply.
@@ -426,13 +428,16 @@ class LeylineRadixCache(RadixCache):
         for attempt in range(2):
             exact_len = len(res.device_indices)
             t0 = time.perf_counter()
+            index = self._index() if use_index else None
+            state.time("index", t0)
+            t0 = time.perf_counter()
             plan = build_plan(
                 tokens,
                 exact_len=exact_len,
                 exact_slots=np.zeros(exact_len, np.int64),  # exact runs are used in place
                 base=base_seq,
                 directives=directives,
-                index=self._index() if use_index else None,
+                index=index,
                 salt=_tenant(ns),
                 moved=state.moved if base_seq is not None else (),
             )
