@@ -6,8 +6,9 @@
 #   speed-mla    the same for the DeepSeek-V2-Lite shape (MLA attention, dense MLPs)
 #   correctness  a seeded random Llama (real outputs) on the leyline backend with every splice
 #                verified; benchmarks/sglang_correctness.py
-# Results and server logs go to $OUT (default /tmp/leyline-gpu). SGLANG_PREFILL_CUDA_GRAPH=1
-# keeps SGLang's prefill CUDA graphs (serve.sh); the speed files are then named *_pcg_*.
+# Results and server logs go to $OUT (default /tmp/leyline-gpu). SGLang's prefill CUDA graphs
+# are on (serve.sh) and the speed files are named *_pcg_*; SGLANG_PREFILL_CUDA_GRAPH=0 turns
+# them off (files without _pcg; MLA models run without them either way: SGLang disables them).
 set -u
 OUT=${OUT:-/tmp/leyline-gpu}; mkdir -p "$OUT"; export OUT
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -16,7 +17,7 @@ DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "device: $DEV"
 speed() {  # NAME MODEL_DIR [server flags...]
   local tag=$1 model=$2; shift 2
-  [ "${SGLANG_PREFILL_CUDA_GRAPH:-0}" = 1 ] && tag=${tag}_pcg  # prefill CUDA graphs kept
+  [ "${SGLANG_PREFILL_CUDA_GRAPH:-1}" = 1 ] && tag=${tag}_pcg  # prefill CUDA graphs on
   for backend in ${BACKENDS:-default leyline}; do
     local flags=() ley=()
     [ $backend = leyline ] && { flags=(--radix-cache-backend leyline); ley=(--leyline); }

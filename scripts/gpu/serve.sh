@@ -24,12 +24,13 @@ export PYTHONPATH=$SITE TVM_FFI_CACHE_DIR=/tmp/tvmcache HF_HUB_OFFLINE=1 TRANSFO
 python3 -m pip install -q --no-deps --no-index --no-build-isolation --no-compile --upgrade \
   --target $SITE "${LEYLINE_SRC:-.}" || { echo "serve.sh: installing leyline FAILED" >&2; return 1; }
 SGLANG_PORT=${SGLANG_PORT:-30000}
-# SGLANG_PREFILL_CUDA_GRAPH=1 keeps SGLang's prefill CUDA graphs (untried here: every prefill
-# round, a recompute window's included, pays ~30-40 ms of kernel launches without them).
+# SGLang's prefill CUDA graphs (its default, "breakable" graphs) stay on: without them every
+# prefill round, a recompute window's included, pays ~30-40 ms of kernel launches from Python
+# (measured on an H100). SGLANG_PREFILL_CUDA_GRAPH=0 turns them off (the recipe's setting).
 SGLANG_COMMON="--dtype bfloat16 --attention-backend triton --sampling-backend pytorch \
  --grammar-backend none --page-size 1 --enable-cache-report --host 127.0.0.1 --port $SGLANG_PORT \
  --cuda-graph-max-bs-decode 8 --served-model-name default"
-[ "${SGLANG_PREFILL_CUDA_GRAPH:-0}" = 1 ] || SGLANG_COMMON="$SGLANG_COMMON --disable-prefill-cuda-graph"
+[ "${SGLANG_PREFILL_CUDA_GRAPH:-1}" = 1 ] || SGLANG_COMMON="$SGLANG_COMMON --disable-prefill-cuda-graph"
 SGLANG_PID=""
 sglang_stop() {
   [ -n "$SGLANG_PID" ] || return 0
