@@ -27,6 +27,17 @@ class DirectiveError(LeylineError, ValueError):
         self.index = index
 
 
+class PayloadError(LeylineError, ValueError):
+    """A request's Leyline payload is malformed. ``param`` names the field (as in OpenAI's error
+    shape, e.g. ``leyline.directives[1]``); ``code`` is the error code a server answers with
+    (``invalid_payload``, ``invalid_directive``, ``unsupported_protocol``)."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_payload"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
 class StaleVersionError(DirectiveError):
     """Directives were built against a session version that is no longer the latest one."""
 

@@ -1,0 +1,345 @@
+"""The Leyline wire schema: the one definition of what a request payload and a response's
+accounting mean, shared by the SDK, the embedded engine (``leyline serve``) and the SGLang
+plugin. No torch, no HTTP; docs/protocol.md is its prose.
+
+Request: a chat-completion request carries a :class:`Payload` either as
+``custom_params.leyline`` (a JSON string: SGLang forwards only flat values, and this is what the
+SDK sends to every server) or, on the embedded engine only, as a top-level ``leyline`` object.
+:meth:`Payload.from_request` reads either; :meth:`Payload.from_wire` validates one object and
+raises :class:`~leyline.errors.PayloadError` naming the field (a server answers it as a 400).
+
+Response: the ``leyline`` object of a response is a :class:`ResponseInfo`: where the prompt's
+tokens came from (:class:`TokenCounts`) and what happened to each directive
+(:class:`DirectiveOutcome`). ``usage.prompt_tokens_details`` keeps OpenAI's ``cached_tokens``
+(every reused token) and adds ``approximate_tokens`` (:func:`usage_details`).
+
+>>> p = Payload("s1", 2, base_version=1, segments=(("0123456789abcdef", 5),),
+...             directives=(Directive(0, 1, (0, 1), Mode.FORGET),))
+>>> Payload.from_request(p.to_custom_params_body()) == p
+True
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from leyline.directives import Directive, Mode, directives_from_wire, validate_directives
+from leyline.errors import DirectiveError, PayloadError
+
+__all__ = [
+    "PAYLOAD_KEY",
+    "PROTOCOL_VERSION",
+    "SESSION_ID",
+    "DirectiveOutcome",
+    "Payload",
+    "ResponseInfo",
+    "Status",
+    "TokenCounts",
+    "ignored_all",
+    "usage_details",
+]
+
+PROTOCOL_VERSION = 1
+PAYLOAD_KEY = "leyline"  # the key in custom_params, the top-level field, the response object
+SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_HASH = re.compile(r"^[0-9a-f]{16}$")
+_FIELDS = frozenset(
+    {"protocol", "session", "version", "base_version", "segments", "directives",
+     "content_reuse", "approximate"}
+)  # fmt: skip
+
+
+class Status(StrEnum):
+    """What happened to one client directive."""
+
+    APPLIED = "applied"  # its tokens were served as it asked
+    PARTIAL = "partial"  # only some of the kept tokens after it were spliced (reason says why)
+    IGNORED = "ignored"  # not used: the request was served by ordinary matching (reason)
+    NOT_NEEDED = "not_needed"  # the edit and what follows it were already an exact-prefix hit
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """One request's Leyline payload (docs/protocol.md, "Request")."""
+
+    session: str
+    version: int
+    base_version: int | None = None
+    segments: tuple[tuple[str, int], ...] = ()
+    directives: tuple[Directive, ...] = ()
+    content_reuse: bool = True
+    approximate: bool = True
+
+    @property
+    def modes(self) -> tuple[Mode, ...]:
+        return tuple(d.mode for d in self.directives)
+
+    @property
+    def forgets(self) -> bool:
+        """Whether any directive is FORGET: nothing at or after an edit may be reused."""
+        return Mode.FORGET in self.modes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "session": self.session,
+            "version": self.version,
+            "base_version": self.base_version,
+            "segments": [[h, n] for h, n in self.segments],
+            "directives": [d.to_wire() for d in self.directives],
+            "content_reuse": self.content_reuse,
+            "approximate": self.approximate,
+        }
+
+    def to_custom_params(self) -> dict[str, str]:
+        """``{"leyline": "<json>"}``: the flat ``custom_params`` entry SGLang forwards."""
+        return {PAYLOAD_KEY: json.dumps(self.to_wire(), separators=(",", ":"))}
+
+    def to_custom_params_body(self) -> dict[str, Any]:
+        """``{"custom_params": {...}}``, ready for ``openai``'s ``extra_body=``."""
+        return {"custom_params": self.to_custom_params()}
+
+    @classmethod
+    def from_wire(cls, obj: Any, *, where: str = PAYLOAD_KEY) -> Payload:
+        """Validate one payload object; raises :class:`PayloadError` naming the field."""
+        if not isinstance(obj, Mapping):
+            raise PayloadError(f"{where} must be a JSON object", param=where)
+        unknown = sorted(set(obj) - _FIELDS)
+        if unknown:
+            raise PayloadError(f"{where} has unknown fields {unknown}", param=where)
+        proto = obj.get("protocol", PROTOCOL_VERSION)
+        if proto != PROTOCOL_VERSION or isinstance(proto, bool):
+            raise PayloadError(
+                f"{where}.protocol {proto!r} is not supported (this server speaks "
+                f"{PROTOCOL_VERSION})",
+                param=f"{where}.protocol", code="unsupported_protocol",
+            )  # fmt: skip
+        session = obj.get("session")
+        if not isinstance(session, str) or not SESSION_ID.match(session):
+            raise PayloadError(
+                f"{where}.session must be 1-128 characters of [A-Za-z0-9._:-], got {session!r}",
+                param=f"{where}.session",
+            )
+        version = _int(obj, "version", where, required=True, low=1)
+        assert version is not None
+        base_version = _int(obj, "base_version", where, required=False, low=1)
+        if base_version is not None and base_version >= version:
+            raise PayloadError(
+                f"{where}.base_version {base_version} must be older than version {version}",
+                param=f"{where}.base_version",
+            )
+        segments = _segments(obj.get("segments", []), where)
+        raw = obj.get("directives", [])
+        try:
+            directives = tuple(directives_from_wire(raw))
+            if directives:
+                # The base's segment count is the server's to check; the new version's is here.
+                directives = validate_directives(
+                    directives, base_len=2**62, new_len=len(segments)
+                )
+        except DirectiveError as exc:
+            param = f"{where}.directives" + ("" if exc.index is None else f"[{exc.index}]")
+            raise PayloadError(str(exc), param=param, code="invalid_directive") from exc
+        if directives and base_version is None:
+            raise PayloadError(
+                f"{where}.directives need a base_version (the version they edit)",
+                param=f"{where}.base_version", code="invalid_directive",
+            )  # fmt: skip
+        flags = {}
+        for name in ("content_reuse", "approximate"):
+            value = obj.get(name, True)
+            if not isinstance(value, bool):
+                raise PayloadError(f"{where}.{name} must be true or false", param=f"{where}.{name}")
+            flags[name] = value
+        return cls(session, version, base_version, segments, directives, **flags)
+
+    @classmethod
+    def from_custom_params(cls, custom_params: Any) -> Payload | None:
+        """The payload in a request's ``custom_params`` (None when it carries none)."""
+        if custom_params is None:
+            return None
+        if not isinstance(custom_params, Mapping):
+            raise PayloadError("custom_params must be an object", param="custom_params")
+        if PAYLOAD_KEY not in custom_params:
+            return None
+        where = f"custom_params.{PAYLOAD_KEY}"
+        raw = custom_params[PAYLOAD_KEY]
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise PayloadError(f"{where} is not valid JSON: {exc}", param=where) from exc
+        return cls.from_wire(raw, where=where)
+
+    @classmethod
+    def from_request(cls, body: Mapping[str, Any]) -> Payload | None:
+        """The payload of a chat/completions request body, from either carrier."""
+        top = body.get(PAYLOAD_KEY)
+        custom = cls.from_custom_params(body.get("custom_params"))
+        if top is not None and custom is not None:
+            raise PayloadError(
+                "send the payload once: as custom_params.leyline or as leyline, not both",
+                param=PAYLOAD_KEY,
+            )
+        return custom if top is None else cls.from_wire(top)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCounts:
+    """Where a request's prompt tokens came from; they sum to the prompt length.
+
+    ``exact``: an exact-prefix hit whose KV equals a fresh prefill of this prompt;
+    ``inherited``: matched as a cached prefix, but the KV descends from an earlier splice or
+    chunk reuse (approximate); ``spliced``: reused through a directive with a RoPE correction;
+    ``chunk_reused``: moved content found by hash; ``recomputed``: prefilled for this request.
+    """
+
+    exact: int = 0
+    inherited: int = 0
+    spliced: int = 0
+    chunk_reused: int = 0
+    recomputed: int = 0
+
+    @property
+    def approximate(self) -> int:
+        """Reused tokens whose KV is not a fresh prefill's (0: the answer came from exact KV)."""
+        return self.inherited + self.spliced + self.chunk_reused
+
+    @property
+    def cached(self) -> int:
+        """Every reused token (OpenAI's ``cached_tokens``)."""
+        return self.exact + self.approximate
+
+    @property
+    def total(self) -> int:
+        return self.cached + self.recomputed
+
+    def to_wire(self) -> dict[str, int]:
+        return {
+            "exact": self.exact, "inherited": self.inherited, "spliced": self.spliced,
+            "chunk_reused": self.chunk_reused, "recomputed": self.recomputed,
+            "approximate": self.approximate,
+        }  # fmt: skip
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any] | None) -> TokenCounts:
+        obj = obj or {}
+        return cls(**{f: int(obj.get(f, 0) or 0) for f in _COUNT_FIELDS})
+
+
+_COUNT_FIELDS = ("exact", "inherited", "spliced", "chunk_reused", "recomputed")
+
+
+def usage_details(tokens: TokenCounts) -> dict[str, int]:
+    """``usage.prompt_tokens_details``: OpenAI's ``cached_tokens`` plus ``approximate_tokens``."""
+    return {"cached_tokens": tokens.cached, "approximate_tokens": tokens.approximate}
+
+
+@dataclass(frozen=True, slots=True)
+class DirectiveOutcome:
+    """What happened to client directive ``index`` (``spliced_tokens``: kept tokens after it
+    served spliced; None when several edits share one outcome)."""
+
+    index: int
+    status: Status
+    reason: str | None = None
+    spliced_tokens: int | None = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "status": self.status.value, "reason": self.reason,
+            "spliced_tokens": self.spliced_tokens,
+        }  # fmt: skip
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> DirectiveOutcome:
+        spliced = obj.get("spliced_tokens", 0)
+        return cls(
+            int(obj.get("index", 0)), Status(obj.get("status", Status.IGNORED)),
+            obj.get("reason"), None if spliced is None else int(spliced),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ResponseInfo:
+    """A response's ``leyline`` object. ``extra`` holds what one server adds (``ttft_ms``,
+    ``timings_ms``; SGLang: ``windows``, ``timeline_ms``, ``splice_checks``)."""
+
+    session: str | None
+    version: int | None
+    tokens: TokenCounts
+    directives: tuple[DirectiveOutcome, ...] = ()
+    notes: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def exact_kv(self) -> bool:
+        """Whether every reused token's KV was exact (the answer equals a fresh prefill's)."""
+        return self.tokens.approximate == 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "session": self.session,
+            "version": self.version,
+            "tokens": self.tokens.to_wire(),
+            "exact_kv": self.exact_kv,
+            "directives": [d.to_wire() for d in self.directives],
+            "notes": list(self.notes),
+            **self.extra,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> ResponseInfo:
+        known = {"protocol", "session", "version", "tokens", "exact_kv", "directives", "notes"}
+        return cls(
+            session=obj.get("session"),
+            version=obj.get("version"),
+            tokens=TokenCounts.from_wire(obj.get("tokens")),
+            directives=tuple(DirectiveOutcome.from_wire(d) for d in obj.get("directives") or ()),
+            notes=tuple(obj.get("notes") or ()),
+            extra={k: v for k, v in obj.items() if k not in known},
+        )
+
+
+def ignored_all(count: int, reason: str) -> tuple[DirectiveOutcome, ...]:
+    """Every one of ``count`` directives ignored for one ``reason``."""
+    return tuple(DirectiveOutcome(i, Status.IGNORED, reason, 0) for i in range(count))
+
+
+def _int(
+    obj: Mapping[str, Any], name: str, where: str, *, required: bool, low: int
+) -> int | None:
+    value = obj.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**62:
+        need = "an integer" if required else "an integer or null"
+        raise PayloadError(
+            f"{where}.{name} must be {need} >= {low}, got {value!r}", param=f"{where}.{name}"
+        )
+    return value
+
+
+def _segments(raw: Any, where: str) -> tuple[tuple[str, int], ...]:
+    if not isinstance(raw, list | tuple):
+        raise PayloadError(f"{where}.segments must be a list", param=f"{where}.segments")
+    out = []
+    for i, seg in enumerate(raw):
+        ok = isinstance(seg, Sequence) and not isinstance(seg, str) and len(seg) == 2
+        if ok:
+            h, n = seg
+            ok = isinstance(h, str) and bool(_HASH.match(h))
+            ok = ok and isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**62
+        if not ok:
+            raise PayloadError(
+                f"{where}.segments[{i}] must be [16 hex digits, characters >= 0]",
+                param=f"{where}.segments[{i}]",
+            )
+        out.append((seg[0], seg[1]))
+    return tuple(out)
