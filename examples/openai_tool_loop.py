@@ -90,7 +90,7 @@ def report(step: int, wrapped: Any) -> None:
     if acc is None:
         print(f"  request {step}: session v{ley.version}, server returned no leyline accounting")
         return
-    modes = [d.get("status") for d in acc.directives]
+    modes = [d.status.value for d in acc.directives]
     print(
         f"  request {step}: v{ley.version} prompt={acc.prompt_tokens} exact={acc.exact} "
         f"spliced={acc.spliced} chunk_reused={acc.chunk_reused} recomputed={acc.recomputed} "

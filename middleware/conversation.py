@@ -1,14 +1,15 @@
 """The I/O-free core shared by the adapters: one Leyline session under one history policy.
 
 A :class:`Conversation` turns the keyword arguments of a ``chat.completions.create`` call into
-the ones actually sent (policy applied, ``extra_body["leyline"]`` added), and reads the answer
+the ones actually sent (policy applied, ``extra_body["custom_params"]["leyline"]`` added), and reads the answer
 back (commit the session, record the accounting). :func:`send` and :func:`asend` are the only
 places that do I/O; the OpenAI wrapper and the LangGraph model both go through them, so sync
 and async behave the same.
 
-Graceful degradation: a server that ignores the ``leyline`` field just works (no accounting).
-A strict server that rejects it with a 400 mentioning ``leyline`` is retried once without it,
-and the conversation stops sending it; the policy keeps applying.
+Graceful degradation: a server that ignores ``custom_params`` just works (no accounting). A
+strict server that rejects the field with a 400 is retried once without it, and the
+conversation stops sending it; the policy keeps applying. A Leyline server's own 400 about the
+payload (``invalid_payload``, ``stale_version``, ...) is raised, not swallowed.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ import openai
 from leyline.accounting import Accounting
 from leyline.middleware.messages import as_message_dicts
 from leyline.middleware.policies import KeepAll, Policy
+from leyline.protocol import PAYLOAD_KEY
 from leyline.session import Prepared, Session
 
 __all__ = ["Conversation", "Plan", "asend", "is_leyline_refusal", "send"]
 
 log = logging.getLogger("leyline.middleware")
+_LEYLINE_CODES = ("invalid_payload", "invalid_directive", "unsupported_protocol",
+                  "stale_version", "stale_base_version", "session_busy")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +51,15 @@ class Plan:
 
 
 def is_leyline_refusal(exc: BaseException) -> bool:
-    """Whether ``exc`` is a 400 from a server that rejects the ``leyline`` request field."""
+    """Whether ``exc`` is a 400 from a server that rejects the payload's carrier field
+    (``custom_params``) itself. A 400 about the payload's content (a Leyline server's
+    ``invalid_payload`` / ``invalid_directive`` ...) is a real error and is raised."""
     if not isinstance(exc, openai.BadRequestError):
         return False
-    return "leyline" in f"{exc.message} {exc.body}".lower()
+    text = f"{exc.message} {exc.body}".lower()
+    if any(code in text for code in _LEYLINE_CODES):
+        return False
+    return "custom_params" in text or "leyline" in text
 
 
 class Conversation:
@@ -58,8 +67,8 @@ class Conversation:
 
     >>> conv = Conversation(KeepAll())
     >>> plan = conv.plan({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
-    >>> sorted(plan.kwargs["extra_body"]["leyline"])[:3]
-    ['approximate', 'base_version', 'content_reuse']
+    >>> sorted(plan.kwargs["extra_body"]["custom_params"])
+    ['leyline']
     """
 
     def __init__(
@@ -83,7 +92,10 @@ class Conversation:
         result = self.policy.apply(as_message_dicts(kwargs["messages"]))
         sent = dict(kwargs, messages=list(result.messages))
         user_extra = kwargs.get("extra_body")
-        user_has_leyline = isinstance(user_extra, dict) and "leyline" in user_extra
+        user_has_leyline = isinstance(user_extra, dict) and (
+            PAYLOAD_KEY in user_extra
+            or PAYLOAD_KEY in (user_extra.get("custom_params") or {})
+        )
         if not self.leyline_enabled or user_has_leyline:
             # why: an explicit leyline payload from the caller wins over ours.
             return Plan(sent, None, user_extra)
@@ -94,7 +106,9 @@ class Conversation:
             tools=tools if isinstance(tools, list) else None,
         )
         extra = dict(user_extra) if isinstance(user_extra, dict) else {}
-        extra.update(prepared.extra_body())
+        custom = dict(extra.get("custom_params") or {})
+        custom.update(prepared.to_payload().to_custom_params())
+        extra["custom_params"] = custom
         sent["extra_body"] = extra
         return Plan(sent, prepared, user_extra)
 

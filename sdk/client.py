@@ -109,7 +109,9 @@ class LeylineClient:
         prepared = None
         if session is not None:
             prepared = session.prepare(messages, forget=forget, tools=tools)
-            request["leyline"] = prepared.payload()
+            custom = dict(request.get("custom_params") or {})
+            custom.update(prepared.to_payload().to_custom_params())
+            request["custom_params"] = custom
         body = self._request("POST", "/chat/completions", request)
         if session is not None and prepared is not None:
             session.commit(prepared)

@@ -16,6 +16,7 @@ from typing import Any
 from leyline.diff import diff_segments
 from leyline.directives import Directive, Mode, validate_directives
 from leyline.errors import StaleVersionError
+from leyline.protocol import Payload
 from leyline.segments import DEFAULT_PARAMS, Segment, SegmentParams, render_segments
 
 __all__ = ["Prepared", "Session"]
@@ -35,21 +36,26 @@ class Prepared:
     content_reuse: bool = True
     approximate: bool = True
 
+    def to_payload(self) -> Payload:
+        """This request's :class:`leyline.protocol.Payload`."""
+        return Payload(
+            session=self.session_id,
+            version=self.version,
+            base_version=self.base_version,
+            segments=tuple((s.hash, s.chars) for s in self.segments),
+            directives=self.directives,
+            content_reuse=self.content_reuse,
+            approximate=self.approximate,
+        )
+
     def payload(self) -> dict[str, Any]:
-        """The JSON object sent as ``extra_body["leyline"]`` (see docs/protocol.md)."""
-        return {
-            "session": self.session_id,
-            "version": self.version,
-            "base_version": self.base_version,
-            "segments": [[s.hash, s.chars] for s in self.segments],
-            "directives": [d.to_wire() for d in self.directives],
-            "content_reuse": self.content_reuse,
-            "approximate": self.approximate,
-        }
+        """The payload as a JSON object (see docs/protocol.md)."""
+        return self.to_payload().to_wire()
 
     def extra_body(self) -> dict[str, Any]:
-        """``{"leyline": payload}``, ready for ``openai``'s ``extra_body=``."""
-        return {"leyline": self.payload()}
+        """``{"custom_params": {"leyline": "<json>"}}`` for ``openai``'s ``extra_body=``: the
+        carrier both servers read (SGLang forwards only flat ``custom_params`` values)."""
+        return self.to_payload().to_custom_params_body()
 
 
 class Session:

@@ -67,6 +67,7 @@ import numpy as np
 
 # the SDK's Mode: directives mean the same thing on the wire and in the planner
 from leyline.directives import Mode
+from leyline.protocol import DirectiveOutcome, Status
 from leyline.server.core.chunking import (
     DEFAULT_PARAMS,
     ChunkParams,
@@ -162,16 +163,6 @@ class Run:
         if self.src_positions is None or self.kind == "exact":
             return 0
         return self.start - int(self.src_positions[0])
-
-
-@dataclass(frozen=True, slots=True)
-class DirectiveOutcome:
-    """What happened to directive ``index`` of the request."""
-
-    index: int
-    status: Literal["applied", "ignored"]
-    reason: str | None
-    spliced_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +321,7 @@ def build_plan(
 
     runs = _runs(kind, src_slot, src_pos)
     _assert_cover(runs, n)
-    outcomes = _outcomes(directives, edit, kind, p, n) if edit is not None else ()
+    outcomes = _outcomes(directives, edit, kind, p, n, exact_len) if edit is not None else ()
     return Plan(runs, outcomes)
 
 
@@ -435,7 +426,12 @@ def _assert_cover(runs: tuple[Run, ...], n: int) -> None:
 
 
 def _outcomes(
-    directives: Sequence[TokenDirective], edit: _Edit, kind: np.ndarray, p: int, n: int
+    directives: Sequence[TokenDirective],
+    edit: _Edit,
+    kind: np.ndarray,
+    p: int,
+    n: int,
+    exact_len: int,
 ) -> tuple[DirectiveOutcome, ...]:
     lim = min(edit.tokens.shape[0], n)
     # Spliced tokens per directive: those in the kept segment after its replacement.
@@ -445,12 +441,17 @@ def _outcomes(
     for j, (_, new_end) in enumerate(edit.spans):
         # Verified: E == request through the replacement and one token past it (or to the end).
         if p > new_end or p == new_end == lim:
-            seg = csum[min(seg_ends[j], lim)] - csum[min(new_end, lim)]
+            kept_end = min(seg_ends[j], lim)
+            if exact_len >= kept_end:  # e.g. a retry: the edited sequence is already cached
+                why = "the edit and the tokens after it were already a cached-prefix hit"
+                out.append(DirectiveOutcome(j, Status.NOT_NEEDED, why, 0))
+                continue
+            seg = csum[kept_end] - csum[min(new_end, lim)]
             count = int(seg) if directives[j].mode is Mode.AMORTIZE else 0
-            out.append(DirectiveOutcome(j, "applied", None, count))
+            out.append(DirectiveOutcome(j, Status.APPLIED, None, count))
         elif p < lim:
-            out.append(DirectiveOutcome(j, "ignored", f"tokens differ at position {p}", 0))
+            out.append(DirectiveOutcome(j, Status.IGNORED, f"tokens differ at position {p}", 0))
         else:
             reason = f"request ends at position {n}, inside the edited span ending at {new_end}"
-            out.append(DirectiveOutcome(j, "ignored", reason, 0))
+            out.append(DirectiveOutcome(j, Status.IGNORED, reason, 0))
     return tuple(out)

@@ -28,11 +28,11 @@ from prometheus_client import (
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from leyline.errors import DirectiveError
+from leyline.errors import DirectiveError, PayloadError
+from leyline.protocol import PROTOCOL_VERSION, SESSION_ID, Payload, ResponseInfo, usage_details
 from leyline.segments import render_segments
 from leyline.server.engine.engine import Engine, Finished, SamplingParams, Work
 from leyline.server.engine.protocol import (
-    SESSION_ID,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -82,8 +82,9 @@ class _Metrics:
         engine.observers.append(self.observe)
 
     def observe(self, done: Finished) -> None:
-        for kind, n in done.tokens.items():
-            self.prompt_tokens.labels(kind).inc(n)
+        for kind, n in done.tokens.to_wire().items():
+            if kind != "approximate":  # a sum of three kinds, not a kind
+                self.prompt_tokens.labels(kind).inc(n)
         self.completion_tokens.inc(len(done.token_ids))
         self.ttft.observe(done.ttft_s)
         self.latency.observe(done.latency_s)
@@ -192,7 +193,14 @@ def create_app(engine: Engine, *, model_name: str, max_request_bytes: int) -> Fa
         except UnknownSession as exc:
             raise APIError(404, str(exc), code="unknown_session") from exc
 
+    def payload(req: ChatCompletionRequest) -> Payload | None:
+        try:
+            return Payload.from_request({"leyline": req.leyline, "custom_params": req.custom_params})
+        except PayloadError as exc:
+            raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
+
     def chat_work(req: ChatCompletionRequest) -> Work:
+        ley = payload(req)
         messages = req.message_dicts()
         try:
             prompt = tokenize_chat(loaded.tokenizer, messages, tools=req.tools)
@@ -206,7 +214,7 @@ def create_app(engine: Engine, *, model_name: str, max_request_bytes: int) -> Fa
         check_length(len(prompt.ids))
         hashes: tuple[str, ...] = ()
         aligned = prompt.aligned
-        if req.leyline is not None and aligned:
+        if ley is not None and aligned:
             hashes = tuple(s.hash for s in render_segments(messages, tools=req.tools))
             aligned = len(hashes) == len(prompt.segment_spans)
         return Work(
@@ -215,7 +223,7 @@ def create_app(engine: Engine, *, model_name: str, max_request_bytes: int) -> Fa
             segment_spans=tuple(prompt.segment_spans),
             segment_hashes=hashes,
             aligned=aligned,
-            leyline=req.leyline,
+            leyline=ley,
         )
 
     def usage(done: Finished) -> dict[str, Any]:
@@ -223,19 +231,18 @@ def create_app(engine: Engine, *, model_name: str, max_request_bytes: int) -> Fa
             "prompt_tokens": done.prompt_tokens,
             "completion_tokens": len(done.token_ids),
             "total_tokens": done.prompt_tokens + len(done.token_ids),
-            "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+            "prompt_tokens_details": usage_details(done.tokens),
         }
 
     def leyline_obj(done: Finished) -> dict[str, Any]:
-        return {
-            "session": done.session,
-            "version": done.version,
-            "tokens": done.tokens,
-            "directives": done.directives,
-            "notes": done.notes,
-            "ttft_ms": round(done.ttft_s * 1000, 2),
-            "timings_ms": done.timings_ms,
-        }
+        return ResponseInfo(
+            session=done.session,
+            version=done.version,
+            tokens=done.tokens,
+            directives=done.directives,
+            notes=tuple(done.notes),
+            extra={"ttft_ms": round(done.ttft_s * 1000, 2), "timings_ms": done.timings_ms},
+        ).to_wire()
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -422,6 +429,11 @@ def create_app(engine: Engine, *, model_name: str, max_request_bytes: int) -> Fa
             return await asyncio.to_thread(engine.close_session, session_id(sid))
         except UnknownSession as exc:
             raise APIError(404, str(exc), code="unknown_session") from exc
+
+    @app.get("/v1/leyline/info")
+    async def info() -> dict[str, Any]:
+        return {"server": "leyline-engine", "protocol": PROTOCOL_VERSION,
+                "payload": ["custom_params.leyline", "leyline"], "model": model_name}  # fmt: skip
 
     @app.get("/v1/leyline/stats")
     async def stats() -> dict[str, Any]:

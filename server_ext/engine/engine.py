@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from leyline.directives import Directive, directives_from_wire, validate_directives
+from leyline.directives import validate_directives
 from leyline.errors import DirectiveError
 from leyline.server.core.chunking import chunk_spans
 from leyline.server.core.index import ContentIndex
@@ -36,7 +36,8 @@ from leyline.server.core.kernels.splice import kv_pointers, splice_kv
 from leyline.server.core.planner import CachedSequence, Plan, TokenDirective, build_plan
 from leyline.server.engine.forward import Generation, sample_next
 from leyline.server.engine.model import LoadedModel
-from leyline.server.engine.protocol import APIError, LeylinePayload
+from leyline.protocol import DirectiveOutcome, Payload, TokenCounts, ignored_all
+from leyline.server.engine.protocol import APIError
 from leyline.server.engine.radix import Match, RadixTree
 from leyline.server.engine.sessions import SessionTable, UnknownSession
 from leyline.server.engine.store import KVStore, OutOfSlots
@@ -60,7 +61,7 @@ class Work:
     segment_spans: tuple[tuple[int, int], ...] = ()
     segment_hashes: tuple[str, ...] = ()
     aligned: bool = False
-    leyline: LeylinePayload | None = None
+    leyline: Payload | None = None
     on_text: Callable[[str], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: Future[Finished] = field(default_factory=Future)
@@ -73,8 +74,8 @@ class Finished:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
-    tokens: dict[str, int]
-    directives: list[dict[str, Any]]
+    tokens: TokenCounts
+    directives: tuple[DirectiveOutcome, ...]
     notes: list[str]
     ttft_s: float
     latency_s: float
@@ -84,7 +85,7 @@ class Finished:
 
     @property
     def cached_tokens(self) -> int:
-        return self.tokens["exact"] + self.tokens["spliced"] + self.tokens["chunk_reused"]
+        return self.tokens.cached
 
 
 @dataclass
@@ -134,6 +135,7 @@ class Engine:
             "failed": 0,
             "evicted_tokens": 0,
             "exact": 0,
+            "inherited": 0,
             "spliced": 0,
             "chunk_reused": 0,
             "recomputed": 0,
@@ -246,7 +248,6 @@ class Engine:
         ids = work.ids
         payload = work.leyline
         notes: list[str] = []
-        outcomes: list[dict[str, Any]] = []
         state = None
         approx_ok = False
         if payload is not None:
@@ -264,9 +265,11 @@ class Engine:
             if base is not None and approx_ok:
                 base_seq = base
                 self._lock(held, base[1])
+            # FORGET: nothing at or after an edit is reused, moved content included
             use_index = (
-                approx_ok and self.content_reuse and (payload is None or payload.content_reuse)
-            )
+                approx_ok and self.content_reuse
+                and (payload is None or (payload.content_reuse and not payload.forgets))
+            )  # fmt: skip
             # allocate before planning: eviction must not free a chunk the plan copies from
             fresh = self._alloc(len(ids) - min(match.length, len(ids) - 1), held)
             marks["match"] = time.perf_counter()
@@ -279,7 +282,7 @@ class Engine:
                 index=self.index if use_index else None,
                 salt=self.salt,
             )
-            outcomes = self._merge_outcomes(outcomes, plan)
+            outcomes = outcomes or plan.outcomes
             assert len(fresh) == len(ids) - plan.exact_tokens
             marks["plan"] = time.perf_counter()
             slots, logits, generation = self._materialize(plan, ids, fresh, marks)
@@ -296,15 +299,20 @@ class Engine:
             if state is not None:
                 state.busy = False
         self._release_locks(held)
-        tokens = {
-            "exact": plan.exact_tokens,
-            "spliced": plan.spliced_tokens,
-            "chunk_reused": plan.chunk_tokens,
-            "recomputed": plan.recomputed_tokens,
-        }
+        # A matched prefix is exact only up to the tree's first approximate node (KV that
+        # descends from a splice or a chunk reuse); the rest of it is inherited.
+        exact = min(plan.exact_tokens, match.exact_length)
+        tokens = TokenCounts(
+            exact=exact,
+            inherited=plan.exact_tokens - exact,
+            spliced=plan.spliced_tokens,
+            chunk_reused=plan.chunk_tokens,
+            recomputed=plan.recomputed_tokens,
+        )
         self.counters["requests"] += 1
-        for key, value in tokens.items():
-            self.counters[key] += value
+        for key, value in tokens.to_wire().items():
+            if key in self.counters:
+                self.counters[key] += value
         now = time.perf_counter()
         return Finished(
             text=text,
@@ -321,7 +329,7 @@ class Engine:
             version=payload.version if payload is not None else None,
         )
 
-    def _begin_session(self, payload: LeylinePayload) -> Any:
+    def _begin_session(self, payload: Payload) -> Any:
         if payload.session not in self.sessions and len(self.sessions) >= self.max_sessions:
             raise APIError(429, "too many open sessions", code="too_many_sessions")
         state = self.sessions.open(payload.session)
@@ -349,31 +357,27 @@ class Engine:
 
     def _token_directives(
         self, work: Work, state: Any, notes: list[str]
-    ) -> tuple[list[TokenDirective], list[dict[str, Any]], tuple[CachedSequence, Any] | None]:
+    ) -> tuple[list[TokenDirective], tuple[DirectiveOutcome, ...], tuple[CachedSequence, Any] | None]:
         """Segment directives -> token directives over the session's last served sequence."""
         payload = work.leyline
         if payload is None or state is None or state.node is None:
             if payload is not None and payload.directives:
                 notes.append("directives ignored: the session has no cached base on this server")
-                return [], _ignored(len(payload.directives), "no cached base"), None
-            return [], [], None
+                return [], ignored_all(len(payload.directives), "no cached base"), None
+            return [], (), None
         base_match = self.tree.match_prefix(state.tokens, session=state.id)
         base = (
             CachedSequence(tokens=state.tokens[: base_match.length], slots=base_match.slots),
             base_match.node,
         )
         if not payload.directives:
-            return [], [], base
+            return [], (), base
         client_hashes = tuple(h for h, _ in payload.segments)
         if not work.aligned or client_hashes != work.segment_hashes:
             notes.append("directives ignored: the client's segments differ from the server's")
-            return [], _ignored(len(payload.directives), "segment hash mismatch"), base
-        if payload.base_version is None:
-            notes.append("directives ignored: no base_version")
-            return [], _ignored(len(payload.directives), "no base_version"), base
-        parsed: Sequence[Directive] = directives_from_wire(payload.directives)
+            return [], ignored_all(len(payload.directives), "segment hash mismatch"), base
         parsed = validate_directives(
-            parsed, base_len=len(state.segment_spans), new_len=len(work.segment_spans)
+            payload.directives, base_len=len(state.segment_spans), new_len=len(work.segment_spans)
         )
         out: list[TokenDirective] = []
         base_spans, new_spans = state.segment_spans, work.segment_spans
@@ -391,21 +395,7 @@ class Engine:
             out.append(TokenDirective(start, end, np.asarray(replacement), d.mode))
         if base_match.length < len(state.tokens):
             notes.append("part of the session's base was evicted; directives cover what remains")
-        return out, [], base
-
-    @staticmethod
-    def _merge_outcomes(prior: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
-        if prior:
-            return prior
-        return [
-            {
-                "index": o.index,
-                "status": o.status,
-                "reason": o.reason,
-                "spliced_tokens": o.spliced_tokens,
-            }
-            for o in plan.outcomes
-        ]
+        return out, (), base
 
     def _alloc(self, n: int, held: _Held) -> np.ndarray:
         if n == 0:
@@ -641,12 +631,6 @@ def _phases(marks: dict[str, float], submitted: float, ttft: list[float]) -> dic
     if ttft:
         out["prefill"] = ttft[0] - marks["splice"]
     return {k: round(v * 1000, 3) for k, v in out.items()}
-
-
-def _ignored(n: int, reason: str) -> list[dict[str, Any]]:
-    return [
-        {"index": i, "status": "ignored", "reason": reason, "spliced_tokens": 0} for i in range(n)
-    ]
 
 
 def _approx_from(plan: Plan, match: Match) -> int | None:

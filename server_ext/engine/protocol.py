@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class APIError(Exception):
@@ -41,27 +39,6 @@ def error_body(
     type: str = "invalid_request_error",
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-class LeylinePayload(BaseModel):
-    """The request's ``leyline`` object (docs/protocol.md)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    session: str
-    version: int = Field(ge=1)
-    base_version: int | None = Field(default=None, ge=1)
-    segments: list[tuple[str, int]] = Field(default_factory=list)
-    directives: list[dict[str, Any]] = Field(default_factory=list)
-    content_reuse: bool = True
-    approximate: bool = True
-
-    @field_validator("session")
-    @classmethod
-    def _session_id(cls, v: str) -> str:
-        if not SESSION_ID.match(v):
-            raise ValueError("session must be 1-128 characters of [A-Za-z0-9._:-]")
-        return v
 
 
 class SamplingFields(BaseModel):
@@ -105,7 +82,10 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    leyline: LeylinePayload | None = None
+    # The Leyline payload, read by leyline.protocol.Payload.from_request (the one parser):
+    # custom_params.leyline (a JSON string, what the SDK sends) or a top-level leyline object.
+    leyline: Any = None
+    custom_params: Any = None
 
     def message_dicts(self) -> list[dict[str, Any]]:
         return [m.model_dump(exclude_none=True) for m in self.messages]

@@ -1,18 +1,23 @@
 """`LeylineRadixCache`: SGLang's RadixCache extended with directive splices and chunk reuse.
 
-A request that opts in (``approximate``) lives in its own namespace of the tree
-(``extra_key + APPROX_SUFFIX``): SGLang never shares nodes across extra keys, so spliced or
-chunk-reused KV can never be matched by a request that did not opt in. On ``match_prefix``
-with such a request the exact match is extended, token by token from its end:
+Approximate KV (spliced, chunk-reused, or computed after either) lives in its own namespace
+of the tree (``extra_key + APPROX_SUFFIX``): SGLang never shares nodes across extra keys, so it
+can never be matched by a request that did not opt in, and the plain namespace holds only KV
+equal to a fresh prefill. On the first ``match_prefix`` of a request that opts in
+(``approximate``), the plain and the approximate match are both taken:
 
-1. seed: a longer exact match in the request's plain namespace is copied (delta 0);
-2. plan: the core planner places the session's base sequence (AMORTIZE directives, moved
-   spans) and the content index's chunks; the match extends through the plan's copy runs at
-   its end and stops at the first recompute window, whose end is recorded for the prefill
-   adder hooks (:mod:`leyline.server.sglang.windows`);
-3. the extension is allocated (evicting when the pool is full, donors locked), filled by the
-   core splice kernel (copy + rotate the rotary part by per-token delta) and inserted, so the
-   next ``match_prefix`` call (SGLang makes several per request) finds it as an exact hit.
+1. plan: the core planner places the session's base sequence (AMORTIZE directives, moved
+   spans) and the content index's chunks after the longer match;
+2. a request that inherits approximate KV (its approximate match is longer) or whose plan
+   copies moves to the approximate namespace; any other is served by SGLang's own path in the
+   plain namespace, and its KV stays exact for the requests after it;
+3. seed: in the approximate namespace, a longer plain match is copied in (delta 0);
+4. the match extends through the plan's copy runs at its end and stops at the first recompute
+   window, whose end is recorded for the prefill adder hooks
+   (:mod:`leyline.server.sglang.windows`); the extension is allocated (evicting when the pool
+   is full, donors locked), filled by the core splice kernel (copy + rotate the rotary part by
+   per-token delta) and inserted, so the next ``match_prefix`` call (SGLang makes several per
+   request) finds it as a cached prefix.
 
 After SGLang prefilled a window, ``cache_unfinished_req`` runs steps 2-3 again from the
 window's end and appends the copy run to the request's prefix. Per-request state and the
@@ -40,12 +45,13 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
+from leyline.errors import PayloadError
+from leyline.protocol import Payload
 from leyline.server.core.index import ContentIndex
 from leyline.server.sglang.align import align_edits, moved_spans
-from leyline.server.sglang.payload import PayloadError, RequestOptions, parse_custom_params
 from leyline.server.sglang.pool import PoolBinding, PoolSplicer
 from leyline.server.sglang.request_state import RequestState
-from leyline.server.sglang.windows import WINDOW_ATTR, next_step
+from leyline.server.sglang.windows import WINDOW_ATTR, Step, next_step
 
 __all__ = ["APPROX_SUFFIX", "LeylineCacheConfig", "LeylineRadixCache"]
 
@@ -53,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 APPROX_SUFFIX = "\x1eleyline:approx"
 _STATE_ATTR = "_leyline_state"
+_PAYLOAD_ATTR = "_leyline_payload"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +87,22 @@ class LeylineCacheConfig:
             raise ValueError(f"merge_gap must be >= 0, got {self.merge_gap}")
         if self.kernel_impl not in ("auto", "torch", "triton"):
             raise ValueError(f"kernel_impl must be auto|torch|triton, got {self.kernel_impl!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """A plan's next step from ``exact_len`` and the base it copies from (a `_base` triple):
+    valid while the match length and the eviction count are unchanged."""
+
+    exact_len: int
+    evictions: int
+    step: Step
+    base: tuple[Any, TreeNode | None, Any]
+
+    @property
+    def copies(self) -> bool:
+        """Whether the request will be served approximate KV (copies now or behind a window)."""
+        return len(self.step) > 0 or self.step.window_end is not None
 
 
 class _Sessions:
@@ -208,40 +231,77 @@ class LeylineRadixCache(RadixCache):
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         req = params.req
-        opts = self._options(req)
-        if self.disable or opts is None or not opts.opted_in:
+        payload = self._payload(req)
+        if self.disable or payload is None or not payload.approximate:
             return super().match_prefix(params)
+        state: RequestState | None = getattr(req, _STATE_ATTR, None)
+        if state is None:
+            return self._first_match(req, payload, params)
+        if not state.approx:  # served exact: SGLang's own path in the plain namespace
+            res = super().match_prefix(params)
+            if len(res.device_indices) < state.exact:
+                state.rematch(len(res.device_indices))
+                state.publish(req)
+            return res
+        key = RadixKey(params.key.token_ids, req.extra_key, limit=params.key.limit)
+        res = super().match_prefix(MatchPrefixParams(key=key, cow_mamba=params.cow_mamba))
+        raw = key.raw_token_ids()
+        tokens = _ids(raw) if len(key) else np.zeros(0, np.int64)
+        if state.settled == (len(tokens), len(res.device_indices), self._evictions):
+            return res  # SGLang matches several times per request: nothing changed since
+        t0 = time.perf_counter()
+        if self.binding is not None and len(tokens) > len(res.device_indices):
+            res = self._seed(state, raw, res, req.extra_key)
+            state.rematch(len(res.device_indices))
+            res = self._advance(req, state, tokens, raw, res, req.extra_key)
+        state.settled = (len(tokens), len(res.device_indices), self._evictions)
+        state.time("match", t0)
+        return res
+
+    def _first_match(self, req: Any, payload: Payload, params: MatchPrefixParams) -> MatchResult:
+        """Plan the request once, pick its namespace, record its accounting and its version."""
+        t0 = time.perf_counter()
+        plain = super().match_prefix(params)
         ns = _namespace(params.key.extra_key)
-        req.extra_key = ns  # every later insert of this request stays in the namespace
         key = RadixKey(params.key.token_ids, ns, limit=params.key.limit)
         res = super().match_prefix(MatchPrefixParams(key=key, cow_mamba=params.cow_mamba))
         raw = key.raw_token_ids()
         tokens = _ids(raw) if len(key) else np.zeros(0, np.int64)
-        state: RequestState | None = getattr(req, _STATE_ATTR, None)
-        first = state is None
-        if state is None:
-            state = RequestState(opts, prompt_len=len(req.origin_input_ids))
-            state.indexed_from = len(res.device_indices)
-            state.t0 = time.perf_counter()
-            setattr(req, _STATE_ATTR, state)
-        elif state.settled == (len(tokens), len(res.device_indices), self._evictions):
-            return res  # SGLang matches several times per request: nothing changed since
-        t0 = time.perf_counter()
-        if self.binding is not None and len(tokens) > len(res.device_indices):
-            res = self._seed(raw, res, ns)
-            if first:
-                state.exact = len(res.device_indices)
-                self._prepare(state, tokens)
-            res = self._advance(req, state, tokens, raw, res, ns)
-        elif first:
-            state.exact = len(res.device_indices)
-        state.settled = (len(tokens), len(res.device_indices), self._evictions)
+        state = RequestState(payload, prompt_len=len(req.origin_input_ids), t0=t0)
+        setattr(req, _STATE_ATTR, state)
+        n_plain, n_ns = len(plain.device_indices), len(res.device_indices)
+        start = max(n_plain, n_ns)
+        planned = None
+        if (
+            self.binding is not None
+            and len(tokens)
+            and (len(tokens) > start or state.payload.directives)
+        ):
+            self._prepare(state, tokens)
+            planned = self._plan(state, tokens, start, ns)
+        approx = n_ns > n_plain or (planned is not None and planned.copies)
+        if approx and n_plain > n_ns:  # only a plan that copies gets here: a binding exists
+            res = self._seed(state, raw, res, ns, plain)
+            if len(res.device_indices) < n_plain:
+                approx = False  # the exact prefix alone beats the copies without it
+                state.shortfall("no free KV slots for the copy")
+                state.note(f"no free KV slots to seed {n_plain - n_ns} exact tokens: recomputed")
+        if approx:
+            state.approx = True
+            req.extra_key = ns  # every later lookup and insert of this request stays there
+            state.indexed_from = n_ns
+            state.exact = n_plain
+            state.inherited = len(res.device_indices) - n_plain
+            if planned is not None:
+                res = self._advance(req, state, tokens, raw, res, ns, planned)
+            state.settled = (len(tokens), len(res.device_indices), self._evictions)
+        else:
+            res = plain
+            state.exact = state.indexed_from = n_plain
         state.time("match", t0)
-        if first:
-            state.publish(req)
-            if opts.session is not None and opts.version is not None:
-                full = req.origin_input_ids + req.output_ids
-                self.sessions.record(opts.session, opts.version, full, len(req.origin_input_ids))
+        state.publish(req)
+        full = req.origin_input_ids + req.output_ids
+        self.sessions.record(payload.session, payload.version, full, len(req.origin_input_ids))
         return res
 
     def cache_unfinished_req(self, req: Any, chunked: bool = False) -> None:
@@ -288,20 +348,18 @@ class LeylineRadixCache(RadixCache):
         if state is not None:
             state.mark_time("finished")
             state.publish(req)  # SGLang streams the first output after this call
-        opts = getattr(req, "_leyline_opts", None)
+        payload = getattr(req, _PAYLOAD_ATTR, None)
         tokens = (req.origin_input_ids + req.output_ids)[:kv_len_to_handle]
-        if (
-            isinstance(opts, RequestOptions)
-            and opts.session is not None
-            and opts.version is not None
-        ):
-            self.sessions.record(opts.session, opts.version, tokens, len(req.origin_input_ids))
+        if isinstance(payload, Payload):
+            self.sessions.record(
+                payload.session, payload.version, tokens, len(req.origin_input_ids)
+            )
         if self.leyline_config.content_reuse and is_insert and self.binding is not None:
             key = RadixKey(tokens, req.extra_key)
             slots = super().match_prefix(MatchPrefixParams(key=key)).device_indices
             n = len(slots)
-            # The exact prefix matched in the namespace was indexed when it was served; its
-            # chunks would only be indexed again (this runs before SGLang sends the response).
+            # The prefix the request matched was indexed when it was served; its chunks
+            # would only be indexed again (this runs before SGLang sends the response).
             start = state.indexed_from if state is not None else 0
             if n > start:
                 self._index().add_sequence(
@@ -311,32 +369,45 @@ class LeylineRadixCache(RadixCache):
 
     # ----- the extension -----
 
-    def _options(self, req: Any) -> RequestOptions | None:
+    def _payload(self, req: Any) -> Payload | None:
+        """The request's payload, parsed once (cached on the `Req`)."""
         if req is None:
             return None
-        cached = getattr(req, "_leyline_opts", False)
+        cached = getattr(req, _PAYLOAD_ATTR, False)
         if cached is not False:
             return cached  # type: ignore[no-any-return]
         sp = getattr(req, "sampling_params", None)
         try:
-            opts = parse_custom_params(getattr(sp, "custom_params", None))
+            payload = Payload.from_custom_params(getattr(sp, "custom_params", None))
         except PayloadError as exc:
+            # The OpenAI routes answer these 400 (response.validate_payload); /generate does not.
             logger.warning(
                 "leyline: ignoring request %s payload: %s", getattr(req, "rid", "?"), exc
             )
-            opts = None
-        req._leyline_opts = opts
-        return opts
+            payload = None
+        setattr(req, _PAYLOAD_ATTR, payload)
+        return payload
 
-    def _seed(self, raw: Any, res: MatchResult, ns: str) -> MatchResult:
-        """Copy a longer exact match of the plain namespace into the request's (delta 0)."""
-        exact_res = super().match_prefix(MatchPrefixParams(key=RadixKey(raw, _tenant_key(ns))))
-        lo, hi = len(res.device_indices), len(exact_res.device_indices)
+    def _seed(
+        self,
+        state: RequestState,
+        raw: Any,
+        res: MatchResult,
+        ns: str,
+        plain: MatchResult | None = None,
+    ) -> MatchResult:
+        """Copy a longer match of the plain namespace (``plain``, matched here when not given)
+        into the request's approximate one (delta 0: the copy stays exact). The base is
+        locked with the donor: evicting to make room must not take what the plan copies."""
+        if plain is None:
+            plain = super().match_prefix(MatchPrefixParams(key=RadixKey(raw, _tenant_key(ns))))
+        lo, hi = len(res.device_indices), len(plain.device_indices)
         if hi <= lo:
             return res
-        src = exact_res.device_indices[lo:hi]
+        src = plain.device_indices[lo:hi]
         ns_key = RadixKey(raw, ns)
-        zeros, donors = np.zeros(hi - lo, np.int64), [exact_res.last_device_node]
+        zeros = np.zeros(hi - lo, np.int64)
+        donors = [plain.last_device_node, self._base(state, ns)[1]]
         # The donor path is locked while evicting, so the second try needs no re-plan.
         if self._fill(res, src, zeros, donors, ns_key) or self._fill(
             res, src, zeros, donors, ns_key, evict=False
@@ -345,11 +416,12 @@ class LeylineRadixCache(RadixCache):
         return res
 
     def _base(self, state: RequestState, ns: str) -> tuple[Any, TreeNode | None, Any]:
-        """The session's base version as a planner `CachedSequence` (its still cached part),
-        its last node and its slots on the device. The host copy of the slot list is reused
-        while the base still ends at the same radix node with the same length (evictions
-        remove leaves and splits keep slots, so the slots are unchanged): a copy to the host
-        waits for the forward in flight, ~10 ms between a window and the rest of the plan."""
+        """The session's base version as a planner `CachedSequence` (its still cached part, in
+        whichever namespace holds more of it: an exact base lives in the plain one), its last
+        node and its slots on the device. The host copy of the slot list is reused while the
+        base still ends at the same radix node with the same length (evictions remove leaves
+        and splits keep slots, so the slots are unchanged): a copy to the host waits for the
+        forward in flight, ~10 ms between a window and the rest of the plan."""
         from leyline.server.core.planner import CachedSequence
 
         if state.base_tokens is None:
@@ -358,7 +430,11 @@ class LeylineRadixCache(RadixCache):
         if cached is not None and cached[0] == self._evictions:
             return cached[1], cached[2], cached[3]
         b_tokens = state.base_tokens
-        b_res = super().match_prefix(MatchPrefixParams(key=RadixKey(_arr(b_tokens), ns)))
+        b_key = _arr(b_tokens)
+        b_res = super().match_prefix(MatchPrefixParams(key=RadixKey(b_key, _tenant_key(ns))))
+        in_ns = super().match_prefix(MatchPrefixParams(key=RadixKey(b_key, ns)))
+        if len(in_ns.device_indices) > len(b_res.device_indices):
+            b_res = in_ns
         b_slots, b_node = b_res.device_indices, b_res.last_device_node
         if cached is not None and cached[2] is b_node and len(cached[1]) == len(b_slots):
             seq = cached[1]
@@ -371,35 +447,78 @@ class LeylineRadixCache(RadixCache):
         """Once per request: map the client's directives onto the base (token diff)."""
         from leyline.server.core.planner import Mode, TokenDirective
 
-        opts = state.opts
-        if opts.session is None or opts.base_version is None:
+        payload = state.payload
+        if payload.base_version is None:
             return
-        base = self.sessions.get(opts.session, opts.base_version)
+        base = self.sessions.get(payload.session, payload.base_version)
         if base is None:
-            why = f"session {opts.session!r} has no cached base version {opts.base_version}"
+            why = f"session {payload.session!r} has no cached base version {payload.base_version}"
             state.base_missing = why
-            if opts.modes:
+            if payload.directives:
                 state.note(f"{why} (evicted or never served here): directives ignored")
             return
         b_tokens, b_prompt = base
         state.base_tokens = b_tokens  # kept: the session may record newer versions meanwhile
         cfg = self.leyline_config
-        al = align_edits(b_tokens, b_prompt, tokens, opts.modes, merge_gap=cfg.merge_gap)
+        al = align_edits(b_tokens, b_prompt, tokens, payload.modes, merge_gap=cfg.merge_gap)
         state.alignment = al
         if al.reason is not None:
             state.note(al.reason)
         state.directives = [
-            TokenDirective(
-                e.start, e.end, tokens[e.new_start : e.new_end].copy(),
-                Mode.AMORTIZE if e.mode == "amortize" else Mode.FORGET,
-            )
+            TokenDirective(e.start, e.end, tokens[e.new_start : e.new_end].copy(), Mode(e.mode))
             for e in al.edits
-        ]  # fmt: skip
+        ]
+        if payload.forgets:
+            return  # exact after the edit: no moved spans (nor chunks, see `_plan`)
         for e in al.edits:
             if e.mode == "amortize" and e.new_end - e.new_start >= cfg.min_moved_run:
                 state.moved.extend(
                     moved_spans(b_tokens, tokens, e.new_start, e.new_end, cfg.min_moved_run)
                 )
+
+    def _plan(self, state: RequestState, tokens: np.ndarray, exact_len: int, ns: str) -> _Planned:
+        """Plan the request after its first ``exact_len`` tokens (cached) and split off the
+        next step: the copy runs at ``exact_len`` and the next window end."""
+        from leyline.server.core.planner import build_plan
+
+        cfg = self.leyline_config
+        t0 = time.perf_counter()
+        base = self._base(state, ns)
+        base_seq = base[0]
+        state.time("base", t0)
+        directives = state.directives if base_seq is not None else []
+        if base_seq is not None and directives and directives[-1].end > len(base_seq):
+            # Part of the base version's KV was evicted: only edits inside what is left apply.
+            keep = [d for d in directives if d.end <= len(base_seq)]
+            directives = directives[: len(keep)]
+            state.shortfall("the base version's KV was partly evicted")
+        # FORGET asks for exact KV after its edit: no chunk from elsewhere may stand in.
+        use_index = state.payload.content_reuse and cfg.content_reuse and not state.payload.forgets
+        t0 = time.perf_counter()
+        index = self._index() if use_index else None
+        state.time("index", t0)
+        t0 = time.perf_counter()
+        plan = build_plan(
+            tokens,
+            exact_len=exact_len,
+            exact_slots=np.zeros(exact_len, np.int64),  # exact runs are used in place
+            base=base_seq,
+            directives=directives,
+            index=index,
+            salt=_tenant(ns),
+            moved=state.moved if base_seq is not None else (),
+        )
+        if not state.outcomes and directives and base_seq is not None:
+            state.outcomes, state.base_len = plan.outcomes, len(base_seq)
+        step = next_step(plan, exact_len, min_copy_run=cfg.min_copy_run,
+                         windows_left=cfg.max_windows - state.windows)  # fmt: skip
+        state.time("plan", t0)
+        if step.skipped:
+            state.shortfall(
+                f"{step.skipped} copy tokens behind a window recomputed (runs under "
+                f"{cfg.min_copy_run} tokens, or over {cfg.max_windows} windows)"
+            )
+        return _Planned(exact_len, self._evictions, step, base)
 
     def _advance(
         self,
@@ -409,51 +528,23 @@ class LeylineRadixCache(RadixCache):
         raw: Any,
         res: MatchResult,
         ns: str,
+        planned: _Planned | None = None,
     ) -> MatchResult:
-        """Plan from the current match end, fill the copy runs there, record the next window."""
-        from leyline.server.core.planner import build_plan
-
-        cfg = self.leyline_config
+        """Fill the copy runs at the current match end, record the next window. ``planned``:
+        the step already planned, used when the match and the tree are still as it found them."""
         ns_key = RadixKey(raw, ns)
-        t0 = time.perf_counter()
-        base_seq, base_node, base_dev = self._base(state, ns)
-        state.time("base", t0)
-        directives = state.directives if base_seq is not None else []
-        if base_seq is not None and directives and directives[-1].end > len(base_seq):
-            # Part of the base version's KV was evicted: only edits inside what is left apply.
-            keep = [d for d in directives if d.end <= len(base_seq)]
-            directives = directives[: len(keep)]
-            state.shortfall("the base version's KV was partly evicted")
-        use_index = state.opts.content_reuse and cfg.content_reuse
         for attempt in range(2):
             exact_len = len(res.device_indices)
-            t0 = time.perf_counter()
-            index = self._index() if use_index else None
-            state.time("index", t0)
-            t0 = time.perf_counter()
-            plan = build_plan(
-                tokens,
-                exact_len=exact_len,
-                exact_slots=np.zeros(exact_len, np.int64),  # exact runs are used in place
-                base=base_seq,
-                directives=directives,
-                index=index,
-                salt=_tenant(ns),
-                moved=state.moved if base_seq is not None else (),
-            )
-            if not state.outcomes and directives and base_seq is not None:
-                state.outcomes, state.base_len = plan.outcomes, len(base_seq)
-            step = next_step(plan, exact_len, min_copy_run=cfg.min_copy_run,
-                             windows_left=cfg.max_windows - state.windows)  # fmt: skip
-            state.time("plan", t0)
-            if step.skipped:
-                state.shortfall(
-                    f"{step.skipped} copy tokens behind a window recomputed (runs under "
-                    f"{cfg.min_copy_run} tokens, or over {cfg.max_windows} windows)"
-                )
+            if planned is None or (planned.exact_len, planned.evictions) != (
+                exact_len,
+                self._evictions,
+            ):
+                planned = self._plan(state, tokens, exact_len, ns)
+            step, (base_seq, base_node, base_dev) = planned.step, planned.base
+            planned = None
             if len(step):
                 t0 = time.perf_counter()
-                donors = [res.last_device_node] + ([base_node] if base_node is not None else [])
+                donors = [res.last_device_node, base_node]
                 assert self.splicer is not None
                 src, delta = self.splicer.sources(step.runs, base_seq, base_dev)
                 if not self._fill(res, src, delta, donors, ns_key, evict=attempt == 0):
@@ -481,7 +572,7 @@ class LeylineRadixCache(RadixCache):
         res: MatchResult,
         src: torch.Tensor,
         delta: np.ndarray | torch.Tensor,
-        donors: list[TreeNode],
+        donors: list[TreeNode | None],
         ns_key: RadixKey,
         *,
         evict: bool = True,

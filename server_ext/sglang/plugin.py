@@ -5,9 +5,10 @@ Entry point (pyproject): ``[project.entry-points."sglang.srt.plugins"] leyline =
 main process and in every scheduler process, and swallows its exceptions, so failures are
 logged here as errors that name the cause before being re-raised. Everywhere it registers the
 prefill-adder hooks that end a chunk at a recompute window (`windows.install_window_hooks`);
-in the main process (the one that serves HTTP) also the response hooks
-(`response.install_response_hooks`) and the ``/v1/leyline`` routes. The backend factory
-compiles the splice kernel when the cache is built (`LeylineRadixCache.warm_up`).
+in the main process (the one that serves HTTP) also the OpenAI-layer hooks that validate
+payloads and carry the accounting (`response.install_http_hooks`) and the ``/v1/leyline``
+routes. The backend factory compiles the splice kernel when the cache is built
+(`LeylineRadixCache.warm_up`).
 """
 
 from __future__ import annotations
@@ -126,9 +127,9 @@ def _install_routes_before_launch(*_args: Any, **_kwargs: Any) -> None:
 def _register_http() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from leyline.server.sglang.response import install_response_hooks
+    from leyline.server.sglang.response import install_http_hooks
 
-    install_response_hooks()
+    install_http_hooks()
     if "sglang.srt.entrypoints.http_server" in sys.modules:
         _install_routes_before_launch()
         return

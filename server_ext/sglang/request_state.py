@@ -6,33 +6,51 @@ base and the client directives mapped onto it), the plan's schedule (the end of 
 recompute window, see :mod:`leyline.server.sglang.windows`) and the accounting: which prompt
 positions were really served by a splice or a chunk copy. The accounting is rebuilt from those
 positions after every fill, so it says what happened, not what was planned: a directive is
-``applied`` only when every token the plan would splice after it was spliced.
+``applied`` only when every token the plan would splice after it was spliced. Its wire form is
+the protocol's `ResponseInfo` (:mod:`leyline.protocol`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from leyline.protocol import (
+    DirectiveOutcome,
+    Payload,
+    ResponseInfo,
+    Status,
+    TokenCounts,
+    ignored_all,
+)
 from leyline.server.sglang.align import Alignment
-from leyline.server.sglang.payload import RequestOptions
 
 __all__ = ["CHUNK", "SPLICED", "RequestState"]
 
 SPLICED, CHUNK = 1, 2  # values of RequestState.served
+# The shared outcome of edits that did not pair with directives is the worst of theirs.
+_SEVERITY = {Status.NOT_NEEDED: 0, Status.APPLIED: 1, Status.PARTIAL: 2, Status.IGNORED: 3}
 
 
 @dataclass
 class RequestState:
-    """One request's plan inputs, window schedule and served-token record."""
+    """One request's plan inputs, window schedule and served-token record.
 
-    opts: RequestOptions
+    ``exact`` and ``inherited`` split the prefix the request found cached before any copy:
+    ``exact`` was matched in the plain namespace (KV of a fresh prefill), ``inherited`` only in
+    the approximate one (KV descending from earlier splices or chunk copies). ``approx``: the
+    request lives in the approximate namespace (it inherits or copies approximate KV).
+    """
+
+    payload: Payload
     prompt_len: int
     exact: int = 0
+    inherited: int = 0
+    approx: bool = False
     served: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
     alignment: Alignment | None = None
     directives: list[Any] = field(default_factory=list)  # planner TokenDirectives
@@ -40,13 +58,13 @@ class RequestState:
     base_tokens: np.ndarray | None = None  # the base version's tokens (prompt + output)
     base_len: int = 0  # cached tokens of the base version when the request was planned
     base_missing: str | None = None
-    outcomes: tuple[Any, ...] = ()  # the first plan's DirectiveOutcomes, one per edit
+    outcomes: tuple[DirectiveOutcome, ...] = ()  # the first plan's outcomes, one per edit
     window_end: int | None = None
     windows: int = 0
     shortfalls: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     checks: dict[str, Any] | None = None  # splice verification totals (verify_splices only)
-    indexed_from: int = 0  # the exact match before any copy: already in the content index
+    indexed_from: int = 0  # the match before any copy: already in the content index
     settled: tuple[int, int, int] | None = None  # (tokens, matched, evictions) of the last plan
     base_cache: tuple[int, Any, Any, Any] | None = None  # see LeylineRadixCache._base
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -65,6 +83,13 @@ class RequestState:
             self.served[r.start : min(r.end, self.prompt_len)] = (
                 SPLICED if r.kind == "spliced" else CHUNK
             )
+
+    def rematch(self, matched: int) -> None:
+        """A later lookup found only ``matched`` tokens cached (evictions since the first one):
+        what lay beyond is served again by this lookup's copies or prefilled."""
+        self.exact = min(self.exact, matched)
+        self.inherited = min(self.inherited, matched - self.exact)
+        self.served[matched:] = 0
 
     def shortfall(self, why: str) -> None:
         """Why some planned reuse was not served (reported with the affected directives)."""
@@ -94,44 +119,52 @@ class RequestState:
     def chunk_reused(self) -> int:
         return int((self.served == CHUNK).sum())
 
-    def directive_outcomes(self) -> list[dict[str, Any]]:
+    def tokens(self) -> TokenCounts:
+        spliced, chunk = self.spliced, self.chunk_reused
+        return TokenCounts(
+            exact=self.exact, inherited=self.inherited, spliced=spliced, chunk_reused=chunk,
+            recomputed=self.prompt_len - self.exact - self.inherited - spliced - chunk,
+        )  # fmt: skip
+
+    def directive_outcomes(self) -> tuple[DirectiveOutcome, ...]:
         """One outcome per client directive (see docs/sglang.md, "Accounting")."""
-        count = len(self.opts.modes)
+        count = len(self.payload.directives)
         if not count:
-            return []
+            return ()
         if self.base_missing is not None:
-            return [_outcome(i, "ignored", self.base_missing, 0) for i in range(count)]
+            return ignored_all(count, self.base_missing)
         al = self.alignment
         if al is None or not al.edits:
-            why = al.reason if al is not None else "no base version to edit"
-            return [_outcome(i, "ignored", why, 0) for i in range(count)]
+            return ignored_all(count, al.reason if al is not None else "no base version to edit")
         per_edit = [self._edit_outcome(j) for j in range(len(al.edits))]
         if al.paired:
-            return [{**o, "index": i} for i, o in enumerate(per_edit)]
-        order = {"applied": 0, "partial": 1, "ignored": 2}
-        worst = max((o["status"] for o in per_edit), key=order.__getitem__)
-        reasons = [al.reason] + [o["reason"] for o in per_edit if o["reason"]]
+            return tuple(per_edit)
+        worst = max((o.status for o in per_edit), key=_SEVERITY.__getitem__)
+        reasons = [al.reason] + [o.reason for o in per_edit if o.reason]
         why = "; ".join(dict.fromkeys(r for r in reasons if r))
-        return [_outcome(i, worst, why, None) for i in range(count)]
+        return tuple(DirectiveOutcome(i, worst, why, None) for i in range(count))
 
-    def _edit_outcome(self, j: int) -> dict[str, Any]:
+    def _edit_outcome(self, j: int) -> DirectiveOutcome:
         assert self.alignment is not None
         edit = self.alignment.edits[j]
         planned = self.outcomes[j] if j < len(self.outcomes) else None
-        if planned is None or planned.status != "applied":
-            why = planned.reason if planned is not None else "; ".join(self.shortfalls)
-            return _outcome(j, "ignored", why or "the edit could not be planned", 0)
+        if planned is None:
+            why = "; ".join(self.shortfalls) or "the edit could not be planned"
+            return DirectiveOutcome(j, Status.IGNORED, why, 0)
+        if planned.status is not Status.APPLIED:  # ignored, or not needed (a retry)
+            return replace(planned, index=j, spliced_tokens=0)
         if edit.mode == "forget":
-            return _outcome(j, "applied", None, 0)
+            return DirectiveOutcome(j, Status.APPLIED, None, 0)
         lo, hi = self._kept_segment(j)
         served = int((self.served[lo:hi] == SPLICED).sum())
-        want = int(planned.spliced_tokens)
+        want = int(planned.spliced_tokens or 0)
         if served >= want:
-            return _outcome(j, "applied", None, served)
+            return DirectiveOutcome(j, Status.APPLIED, None, served)
         why = "; ".join(self.shortfalls) or "the spliced suffix could not be served"
         if served:
-            return _outcome(j, "partial", f"{served} of {want} kept tokens spliced: {why}", served)
-        return _outcome(j, "ignored", f"none of {want} kept tokens spliced: {why}", 0)
+            why = f"{served} of {want} kept tokens spliced: {why}"
+            return DirectiveOutcome(j, Status.PARTIAL, why, served)
+        return DirectiveOutcome(j, Status.IGNORED, f"none of {want} kept tokens spliced: {why}", 0)
 
     def _kept_segment(self, j: int) -> tuple[int, int]:
         """Request positions of the base tokens kept after edit ``j`` (up to the next edit)."""
@@ -141,23 +174,22 @@ class RequestState:
         hi = edits[j + 1].new_start if j + 1 < len(edits) else lo + self.base_len - edits[j].end
         return min(lo, self.prompt_len), min(max(hi, lo), self.prompt_len)
 
-    def to_wire(self) -> dict[str, Any]:
-        spliced, chunk = self.spliced, self.chunk_reused
-        return {
-            "session": self.opts.session,
-            "version": self.opts.version,
-            "tokens": {
-                "exact": self.exact,
-                "spliced": spliced,
-                "chunk_reused": chunk,
-                "recomputed": self.prompt_len - self.exact - spliced - chunk,
-            },
-            "directives": self.directive_outcomes(),
+    def info(self) -> ResponseInfo:
+        """The response's ``leyline`` object; the plugin's extras go in ``extra``."""
+        extra: dict[str, Any] = {
             "windows": self.windows,
-            "notes": list(self.notes),
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
             "timeline_ms": dict(self.timeline_ms),
-        } | ({"splice_checks": self.checks} if self.checks is not None else {})
+        }
+        if self.checks is not None:
+            extra["splice_checks"] = self.checks
+        return ResponseInfo(
+            self.payload.session, self.payload.version, self.tokens(),
+            self.directive_outcomes(), tuple(self.notes), extra,
+        )  # fmt: skip
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.info().to_wire()
 
     def publish(self, req: Any) -> None:
         """Set ``req.customized_info["leyline"]``: SGLang ships it with the first output token,
@@ -165,7 +197,3 @@ class RequestState:
         info = dict(req.customized_info or {})
         info["leyline"] = [json.dumps(self.to_wire())]
         req.customized_info = info
-
-
-def _outcome(index: int, status: str, reason: str | None, spliced: int | None) -> dict[str, Any]:
-    return {"index": index, "status": status, "reason": reason, "spliced_tokens": spliced}

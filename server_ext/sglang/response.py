@@ -1,10 +1,16 @@
-"""Per-request accounting in SGLang's OpenAI chat responses (main process, through hooks).
+"""The Leyline payload and accounting at SGLang's OpenAI layer (main process, through hooks).
 
-The scheduler-side cache sets ``req.customized_info["leyline"] = [json]`` on a request's first
-``match_prefix``; SGLang ships it to the tokenizer manager as ``meta_info["leyline"]`` (a
-per-output-token list, so the JSON sits in its first entry). Three hooks, registered with
-SGLang's `HookRegistry` from `plugin.register` in the process that serves HTTP, lift it to the
-top-level ``"leyline"`` object the client reads (`leyline.Accounting.from_response`):
+Hooks registered with SGLang's `HookRegistry` from `plugin.register` in the process that serves
+HTTP. In: ``_validate_request`` of ``OpenAIServingChat`` and ``OpenAIServingCompletion``
+(AFTER, `validate_payload`) parses ``custom_params.leyline`` with `leyline.protocol.Payload`;
+a malformed payload is answered 400 with the message the embedded engine gives, before anything
+reaches the scheduler.
+
+Out: the scheduler-side cache sets ``req.customized_info["leyline"] = [json]`` (a
+`leyline.protocol.ResponseInfo`); SGLang ships it to the tokenizer manager as
+``meta_info["leyline"]`` (a per-output-token list, so the JSON sits in its first entry). Three
+hooks lift it to the top-level ``"leyline"`` object the client reads and add
+``approximate_tokens`` to ``usage.prompt_tokens_details`` (SGLang's ``cached_tokens`` is kept):
 
 - ``OpenAIServingChat._build_chat_response`` (AFTER): the non-streaming response is rebuilt as
   `LeylineChatCompletionResponse` (a `ChatCompletionResponse` with a ``leyline`` field);
@@ -23,7 +29,14 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from sglang.srt.entrypoints.openai.protocol import ChatCompletionResponse
+from sglang.srt.entrypoints.openai.protocol import (
+    ChatCompletionResponse,
+    PromptTokensDetails,
+    UsageInfo,
+)
+
+from leyline.errors import PayloadError
+from leyline.protocol import Payload, TokenCounts, usage_details
 
 __all__ = [
     "ACCOUNTING_KEY",
@@ -32,7 +45,8 @@ __all__ = [
     "accounting_from_meta_info",
     "around_chat_stream",
     "around_generate_request",
-    "install_response_hooks",
+    "install_http_hooks",
+    "validate_payload",
     "with_accounting",
 ]
 
@@ -41,13 +55,44 @@ logger = logging.getLogger("leyline.sglang")
 ACCOUNTING_KEY = "leyline"
 _STASH_ATTR = "_leyline_accounting"
 _CHAT = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat"
+_COMPLETION = "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion"
 _TM = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
+
+
+class LeylinePromptTokensDetails(PromptTokensDetails):
+    """SGLang's prompt token details plus ``approximate_tokens`` (docs/protocol.md)."""
+
+    approximate_tokens: int = 0
+
+
+class LeylineUsageInfo(UsageInfo):
+    prompt_tokens_details: LeylinePromptTokensDetails | None = None
 
 
 class LeylineChatCompletionResponse(ChatCompletionResponse):
     """SGLang's chat completion response plus the top-level ``leyline`` accounting object."""
 
+    usage: LeylineUsageInfo
     leyline: dict[str, Any] | None = None
+
+
+def validate_payload(
+    result: str | None, serving: Any, request: Any, *_a: Any, **_k: Any
+) -> str | None:
+    """AFTER hook of ``_validate_request``: the error message of a malformed Leyline payload,
+    which SGLang answers 400 (``create_error_response``); None keeps SGLang's own verdict."""
+    if result:
+        return None
+    try:
+        Payload.from_custom_params(getattr(request, "custom_params", None))
+    except PayloadError as exc:
+        return str(exc)
+    return None
+
+
+def _usage_details(details: Mapping[str, Any] | None, wire: Mapping[str, Any]) -> dict[str, Any]:
+    """``prompt_tokens_details`` with ``approximate_tokens``; SGLang's own entries win."""
+    return {**usage_details(TokenCounts.from_wire(wire.get("tokens"))), **(details or {})}
 
 
 def accounting_from_meta_info(meta_info: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -81,6 +126,9 @@ def with_accounting(
     if wire is None:
         return result
     fields = {name: getattr(result, name) for name in ChatCompletionResponse.model_fields}
+    usage = result.usage.model_dump()
+    usage["prompt_tokens_details"] = _usage_details(usage.get("prompt_tokens_details"), wire)
+    fields["usage"] = LeylineUsageInfo.model_validate(usage)
     return LeylineChatCompletionResponse(**fields, leyline=wire)
 
 
@@ -105,11 +153,16 @@ async def around_chat_stream(
     *args: Any,
     **kwargs: Any,
 ) -> AsyncIterator[str]:
-    """AROUND hook of ``_generate_chat_stream``: add ``leyline`` to the final usage chunk."""
+    """AROUND hook of ``_generate_chat_stream``: add ``leyline`` (and ``approximate_tokens``)
+    to the final usage chunk."""
     async for chunk in original(serving, adapted_request, *args, **kwargs):
         wire = getattr(adapted_request, _STASH_ATTR, None)
         if wire is not None and _is_usage_chunk(chunk):
             body = json.loads(chunk[len("data: ") :])
+            usage = body["usage"]
+            usage["prompt_tokens_details"] = _usage_details(
+                usage.get("prompt_tokens_details"), wire
+            )
             body[ACCOUNTING_KEY] = wire
             chunk = f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
         yield chunk
@@ -122,13 +175,15 @@ def _is_usage_chunk(chunk: str) -> bool:
 
 
 HOOK_TARGETS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
+    (f"{_CHAT}._validate_request", "after", validate_payload),
+    (f"{_COMPLETION}._validate_request", "after", validate_payload),
     (f"{_CHAT}._build_chat_response", "after", with_accounting),
     (f"{_TM}.generate_request", "around", around_generate_request),
     (f"{_CHAT}._generate_chat_stream", "around", around_chat_stream),
 )
 
 
-def install_response_hooks() -> list[str]:
+def install_http_hooks() -> list[str]:
     """Register the hooks with SGLang's `HookRegistry` (applied by ``load_plugins``); idempotent.
 
     Returns the targets newly registered.

@@ -1,11 +1,18 @@
-"""``/v1/leyline/...`` routes added to SGLang's module-level FastAPI app (main process only)."""
+"""``/v1/leyline/...`` routes added to SGLang's module-level FastAPI app (main process only).
+
+Only what the main process can answer truthfully: session state (base token sequences) lives
+in the scheduler processes, so ``GET /v1/leyline/sessions/{id}`` and ``/stats`` of
+docs/protocol.md are not served here (docs/sglang.md, "What differs on SGLang").
+"""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+
+from leyline.protocol import PROTOCOL_VERSION, SESSION_ID
 
 __all__ = ["PREFIX", "install_routes", "make_router"]
 
@@ -13,12 +20,8 @@ PREFIX = "/v1/leyline"
 
 
 def make_router() -> APIRouter:
-    """Routes: health, session open and close.
-
-    Session state (base token sequences) lives in the scheduler processes, keyed by the
-    client's session id and bounded by LRU; opening only hands out an id and closing is
-    advisory (the state ages out).
-    """
+    """Routes: health, info, session open and close (both advisory: a session opens with its
+    first request and its state ages out of the scheduler's LRU)."""
     router = APIRouter(prefix=PREFIX)
 
     @router.get("/health")
@@ -27,15 +30,35 @@ def make_router() -> APIRouter:
 
         return {"backend": "leyline", "registered": get_radix_cache_factory("leyline") is not None}
 
-    @router.post("/sessions")
-    def open_session() -> dict[str, Any]:
-        return {"session": uuid.uuid4().hex, "version": 0}
+    @router.get("/info")
+    def info() -> dict[str, Any]:
+        return {
+            "server": "sglang",
+            "protocol": PROTOCOL_VERSION,
+            "payload": "custom_params.leyline",
+        }
 
-    @router.delete("/sessions/{session_id}")
-    def close_session(session_id: str) -> dict[str, Any]:
-        return {"session": session_id, "closed": True}
+    @router.post("/sessions/{session_id}", response_model=None)
+    def open_session(session_id: str) -> dict[str, Any] | JSONResponse:
+        if not SESSION_ID.match(session_id):
+            return _bad_session_id()
+        return {"id": session_id, "opened": True, "advisory": True}
+
+    @router.delete("/sessions/{session_id}", response_model=None)
+    def close_session(session_id: str) -> dict[str, Any] | JSONResponse:
+        if not SESSION_ID.match(session_id):
+            return _bad_session_id()
+        return {"id": session_id, "closed": True, "advisory": True}
 
     return router
+
+
+def _bad_session_id() -> JSONResponse:
+    error = {
+        "message": "session ids are 1-128 characters of [A-Za-z0-9._:-]",
+        "type": "invalid_request_error", "param": "session", "code": "invalid_request",
+    }  # fmt: skip
+    return JSONResponse({"error": error}, status_code=400)
 
 
 def install_routes(app: FastAPI) -> bool:

@@ -7,8 +7,11 @@ calls, streamed (SSE) when asked. Three behaviours of real servers are modelled:
 - ``leyline=True``: the response carries a ``leyline`` accounting object (and
   ``usage.prompt_tokens_details.cached_tokens``), on the final chunk when streaming;
 - ``leyline=False``: a plain OpenAI-compatible server that ignores the field;
-- ``strict=True``: a server that rejects the unknown ``leyline`` field with an OpenAI-shaped 400
-  (and never returns accounting).
+- ``strict=True``: a server that rejects the unknown ``custom_params`` field (the payload's
+  carrier) with an OpenAI-shaped 400 (and never returns accounting).
+
+Recorded bodies hold the payload decoded under ``"leyline"`` (it arrives as the JSON string
+``custom_params.leyline``) so tests can read it; ``raw_requests`` keeps the bodies as sent.
 
 The accounting numbers are a deterministic function of the request so tests can check sums:
 ``exact = 10 * version``, ``spliced = 3 * len(directives)``, ``recomputed = 7``.
@@ -42,6 +45,7 @@ class StubOpenAIServer:
     leyline: bool = True
     strict: bool = False
     requests: list[dict[str, Any]] = field(default_factory=list)
+    raw_requests: list[dict[str, Any]] = field(default_factory=list)
     script: deque[Reply] = field(default_factory=deque)
     _server: ThreadingHTTPServer | None = None
     _calls: int = 0
@@ -70,11 +74,16 @@ class StubOpenAIServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
+                stub.raw_requests.append(json.loads(json.dumps(body)))
+                carried = (body.get("custom_params") or {}).get("leyline")
+                if isinstance(carried, str):
+                    body["leyline"] = json.loads(carried)
                 stub.requests.append(body)
                 if not self.path.endswith("/chat/completions"):
                     self._json(404, {"error": {"message": f"no route {self.path}"}})
-                elif stub.strict and "leyline" in body:
-                    self._json(400, _error("Unrecognized request argument supplied: leyline"))
+                elif stub.strict and "custom_params" in body:
+                    msg = "Unrecognized request argument supplied: custom_params"
+                    self._json(400, _error(msg, param="custom_params"))
                 elif stub.script and stub.script[0].error is not None:
                     reply = stub.script.popleft()
                     self._json(reply.status, _error(reply.error or "", param=None))

@@ -97,7 +97,7 @@ def test_tool_loop_sends_policy_output_and_amortize_directives(stub: StubOpenAIS
     last = wrapped.last_accounting
     assert isinstance(last, Accounting)
     assert (last.exact, last.spliced, last.recomputed, last.cached_tokens) == (60, 3, 7, 63)
-    assert [d["status"] for d in last.directives] == ["applied"]
+    assert [d.status for d in last.directives] == ["applied"]
     totals = wrapped.totals
     assert (totals.requests, totals.exact, totals.spliced, totals.recomputed) == (6, 210, 9, 42)
     assert wrapped.session.version == 6
@@ -168,7 +168,7 @@ def test_refusal_retry_keeps_user_extra_body(make_stub: Callable[..., StubOpenAI
         model="m", messages=[{"role": "user", "content": "x"}], extra_body={"top_k": 2}
     )
     assert [sorted(b) for b in stub.requests] == [
-        ["leyline", "messages", "model", "top_k"],
+        ["custom_params", "leyline", "messages", "model", "top_k"],
         ["messages", "model", "top_k"],
     ]
 

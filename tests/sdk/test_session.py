@@ -1,7 +1,10 @@
+import json
+
 import pytest
 
 from leyline import Mode, Session, StaleVersionError
 from leyline.diff import diff_segments
+from leyline.protocol import Payload
 from leyline.segments import render_segments
 
 
@@ -64,9 +67,11 @@ def test_commit_checks_version_and_session() -> None:
 def test_payload_shape_and_reset() -> None:
     s = Session("sid")
     p = s.prepare(_history(1))
-    body = p.extra_body()["leyline"]
-    assert body["session"] == "sid" and body["version"] == 1
+    carried = p.extra_body()["custom_params"]["leyline"]
+    body = json.loads(carried)
+    assert body["session"] == "sid" and body["version"] == 1 and body["protocol"] == 1
     assert all(len(h) == 16 and isinstance(c, int) for h, c in body["segments"])
+    assert Payload.from_wire(body) == p.to_payload()  # the schema reads what the SDK writes
     s.commit(p)
     s.reset()
     assert s.prepare(_history(1)).directives == ()

@@ -158,7 +158,7 @@ def test_session_endpoints(srv: RunningServer) -> None:
                 }
             ).encode(),
             400,
-            "invalid_request",
+            "invalid_payload",
         ),
         (
             json.dumps(

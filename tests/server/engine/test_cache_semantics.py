@@ -225,9 +225,11 @@ def test_bad_directives_and_versions_change_nothing(srv: RunningServer) -> None:
         "directives": [{"start": 1, "end": 2, "replacement": [1, 1], "mode": "squash"}],
     }
     assert post(bad_mode).json()["error"]["code"] == "invalid_directive"
-    stale = {**payload, "base_version": payload["base_version"] - 1 or 99}
-    assert post(stale).json()["error"]["code"] == "stale_base_version"
-    old = {**payload, "version": 1}
+    stale = {**payload, "version": payload["version"] + 1, "base_version": payload["version"]}
+    assert post(stale).json()["error"]["code"] == "stale_base_version"  # the server is at 1
+    newer_base = {**payload, "base_version": payload["version"]}  # not older than version
+    assert post(newer_base).json()["error"]["code"] == "invalid_payload"
+    old = {**payload, "version": 1, "base_version": None, "directives": []}
     assert post(old).json()["error"]["code"] == "stale_version"
     assert srv.engine.session_info(agent.session.id) == before | {
         "expires_in_s": srv.engine.session_info(agent.session.id)["expires_in_s"]

@@ -1,9 +1,15 @@
-"""A chat request with a Leyline payload through SGLang's real OpenAI protocol classes, the
-msgpack IPC of its SamplingParams, up to the scheduler-side Req and the plugin's parser."""
+"""A chat request with a Leyline payload through SGLang's real OpenAI protocol classes: the
+msgpack IPC of its SamplingParams up to the scheduler-side Req and `leyline.protocol.Payload`,
+and malformed payloads answered 400 by SGLang's real `OpenAIServingChat` /
+`OpenAIServingCompletion` through the plugin's ``_validate_request`` hook."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import pkgutil
+from collections import defaultdict
+from types import SimpleNamespace
 
 import pytest
 from _sglang_support import make_req, require_sglang
@@ -11,17 +17,41 @@ from _sglang_support import make_req, require_sglang
 require_sglang()
 
 import msgspec  # noqa: E402
-from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest  # noqa: E402
+from sglang.srt.entrypoints.openai.protocol import (  # noqa: E402
+    ChatCompletionRequest,
+    CompletionRequest,
+)
+from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat  # noqa: E402
+from sglang.srt.entrypoints.openai.serving_completions import (  # noqa: E402
+    OpenAIServingCompletion,
+)
+from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
+from sglang.srt.server_args import ServerArgs  # noqa: E402
 
-from leyline.server.sglang.payload import parse_custom_params, to_custom_params  # noqa: E402
+from leyline.directives import Mode  # noqa: E402
+from leyline.errors import PayloadError  # noqa: E402
+from leyline.protocol import Payload  # noqa: E402
+from leyline.server.sglang import response  # noqa: E402
 
 PAYLOAD = {
     "session": "9f1c2a", "version": 3, "base_version": 2,
     "segments": [["a1b2c3d4e5f60718", 812], ["0011223344556677", 95]],
-    "directives": [{"start": 4, "end": 5, "replacement": [4, 4], "mode": "amortize"},
-                   {"start": 7, "end": 8, "replacement": [6, 7], "mode": "forget"}],
+    "directives": [{"start": 4, "end": 5, "replacement": [1, 1], "mode": "amortize"},
+                   {"start": 7, "end": 8, "replacement": [1, 2], "mode": "forget"}],
     "content_reuse": True, "approximate": True,
+}  # fmt: skip
+GOOD = {"session": "s", "version": 1}
+MALFORMED = {
+    "non-JSON string": "{not json",
+    "unknown field": json.dumps({**GOOD, "sesion": "s"}),
+    "bad mode": json.dumps({**GOOD, "version": 2, "base_version": 1, "segments": [["0" * 16, 3]],
+                            "directives": [{"start": 0, "end": 1, "replacement": [0, 1],
+                                            "mode": "compress"}]}),
+    "version 0": json.dumps({**GOOD, "version": 0}),
+    "directives without base_version": json.dumps(
+        {**GOOD, "segments": [["0" * 16, 3]],
+         "directives": [{"start": 0, "end": 1, "replacement": [0, 1]}]}),
 }  # fmt: skip
 
 
@@ -30,24 +60,30 @@ def _ipc(sp: SamplingParams) -> SamplingParams:
     return msgspec.msgpack.decode(msgspec.msgpack.encode(sp), type=SamplingParams)
 
 
-def test_payload_arrives_intact_and_flat_at_the_scheduler_req() -> None:
+def _chat(custom_params: dict | None, **over) -> ChatCompletionRequest:
     body = {
         "model": "m",
         "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}],
         "max_tokens": 8,
-        **{"custom_params": to_custom_params(PAYLOAD)},  # what extra_body adds to the JSON body
+        **({"custom_params": custom_params} if custom_params is not None else {}),
+        **over,
     }
-    request = ChatCompletionRequest.model_validate_json(json.dumps(body))
+    return ChatCompletionRequest.model_validate_json(json.dumps(body))
+
+
+def test_payload_arrives_intact_and_flat_at_the_scheduler_req() -> None:
+    sent = Payload.from_wire(PAYLOAD)
+    request = _chat(sent.to_custom_params())  # what extra_body adds to the JSON body
     sp_dict = request.to_sampling_params(stop=[], model_generation_config={})
     sp = _ipc(SamplingParams(**sp_dict))
     assert set(sp.custom_params) == {"leyline"} and isinstance(sp.custom_params["leyline"], str)
     req = make_req("r", [5, 6, 7], None)
     req.sampling_params = sp
-    opts = parse_custom_params(req.sampling_params.custom_params)
-    assert opts is not None
-    assert (opts.session, opts.version, opts.base_version) == ("9f1c2a", 3, 2)
-    assert opts.modes == ("amortize", "forget") and opts.deletions == (True, False)
-    assert json.loads(sp.custom_params["leyline"]) == PAYLOAD
+    got = Payload.from_custom_params(req.sampling_params.custom_params)
+    assert got == sent
+    assert (got.session, got.version, got.base_version) == ("9f1c2a", 3, 2)
+    assert got.modes == (Mode.AMORTIZE, Mode.FORGET) and got.forgets
+    assert json.loads(sp.custom_params["leyline"]) == sent.to_wire()
 
 
 def test_nested_payload_is_what_the_json_string_avoids() -> None:
@@ -57,5 +93,58 @@ def test_nested_payload_is_what_the_json_string_avoids() -> None:
 
 
 def test_requests_without_payload_parse_to_none() -> None:
-    assert parse_custom_params(None) is None
-    assert parse_custom_params({"other": 1}) is None
+    assert Payload.from_custom_params(None) is None
+    assert Payload.from_custom_params({"other": 1}) is None
+    assert response.validate_payload(None, None, _chat(None)) is None
+    assert response.validate_payload(None, None, _chat({"leyline": json.dumps(GOOD)})) is None
+
+
+@pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_payload_is_the_hooks_error_message(raw: str) -> None:
+    with pytest.raises(PayloadError) as exc:
+        Payload.from_custom_params({"leyline": raw})
+    assert response.validate_payload(None, None, _chat({"leyline": raw})) == str(exc.value)
+    # SGLang's own verdict stands.
+    assert (
+        response.validate_payload("Messages cannot be empty.", None, _chat({"leyline": raw}))
+        is None
+    )
+
+
+@pytest.fixture
+def hooks(monkeypatch: pytest.MonkeyPatch) -> type[HookRegistry]:
+    """The plugin's HTTP hooks applied by SGLang's HookRegistry, undone afterwards."""
+    monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))
+    monkeypatch.setattr(HookRegistry, "_patched", set())
+    for target, _kind, _hook in response.HOOK_TARGETS:
+        owner, name = target.rsplit(".", 1)
+        cls = pkgutil.resolve_name(owner)
+        monkeypatch.setattr(cls, name, cls.__dict__[name])
+    response.install_http_hooks()
+    HookRegistry.apply_hooks()
+    return HookRegistry
+
+
+def _manager() -> SimpleNamespace:
+    """What the serving classes read of SGLang's TokenizerManager before validating."""
+    return SimpleNamespace(
+        server_args=ServerArgs(model_path="dummy"), tokenizer=None,
+        model_config=SimpleNamespace(get_default_sampling_params=dict),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_payload_is_a_400_from_sglangs_serving_classes(hooks, raw: str) -> None:
+    want = str(pytest.raises(PayloadError, Payload.from_custom_params, {"leyline": raw}).value)
+    chat = OpenAIServingChat(_manager(), None)
+    resp = asyncio.run(chat.handle_request(_chat({"leyline": raw}), None))
+    assert resp.status_code == 400
+    body = json.loads(resp.body)
+    assert body["message"] == want and body["object"] == "error"
+    completion = OpenAIServingCompletion(_manager(), None)
+    request = CompletionRequest(model="m", prompt="hi", custom_params={"leyline": raw})
+    resp = asyncio.run(completion.handle_request(request, None))
+    assert resp.status_code == 400 and json.loads(resp.body)["message"] == want
+    # SGLang's own validation still runs first.
+    resp = asyncio.run(chat.handle_request(_chat({"leyline": raw}, messages=[]), None))
+    assert json.loads(resp.body)["message"] == "Messages cannot be empty."

@@ -52,20 +52,21 @@ def _entry_point_dist(tmp_path, monkeypatch, target: str = ENTRY) -> None:
 
 def _isolate_hooks(monkeypatch) -> None:
     """load_plugins applies the plugin's hooks: keep SGLang's classes unpatched afterwards."""
+    import pkgutil
     from collections import defaultdict
 
     from sglang.srt.entrypoints import http_server
-    from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
-    from sglang.srt.managers.tokenizer_manager import TokenizerManager
     from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from leyline.server.sglang.response import HOOK_TARGETS
 
     monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))
     monkeypatch.setattr(HookRegistry, "_patched", set())
     monkeypatch.setattr(http_server, "launch_server", http_server.launch_server)
-    for cls in (OpenAIServingChat, TokenizerManager):
-        for name in ("_build_chat_response", "_generate_chat_stream", "generate_request"):
-            if name in cls.__dict__:
-                monkeypatch.setattr(cls, name, cls.__dict__[name])
+    for target, _kind, _hook in HOOK_TARGETS:
+        owner, name = target.rsplit(".", 1)
+        cls = pkgutil.resolve_name(owner)
+        monkeypatch.setattr(cls, name, cls.__dict__[name])
 
 
 def test_entry_point_registers_backend_through_load_plugins(tmp_path, monkeypatch) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pkgutil
 import sys
 from collections import defaultdict
 from types import SimpleNamespace
@@ -43,10 +44,10 @@ def hooks(monkeypatch: pytest.MonkeyPatch) -> type[HookRegistry]:
     """SGLang's HookRegistry, empty, with every patched target restored afterwards."""
     monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))
     monkeypatch.setattr(HookRegistry, "_patched", set())
-    for cls in (OpenAIServingChat, TokenizerManager):
-        for name in ("_build_chat_response", "_generate_chat_stream", "generate_request"):
-            if name in cls.__dict__:
-                monkeypatch.setattr(cls, name, cls.__dict__[name])
+    for target, _kind, _hook in response.HOOK_TARGETS:
+        owner, name = target.rsplit(".", 1)
+        cls = pkgutil.resolve_name(owner)
+        monkeypatch.setattr(cls, name, cls.__dict__[name])
     return HookRegistry
 
 
@@ -112,8 +113,8 @@ def test_cache_wire_is_what_the_response_carries() -> None:
 
 
 def test_non_streaming_response_has_top_level_leyline(hooks) -> None:
-    assert response.install_response_hooks() == [t for t, _k, _h in response.HOOK_TARGETS]
-    assert response.install_response_hooks() == []  # idempotent
+    assert response.install_http_hooks() == [t for t, _k, _h in response.HOOK_TARGETS]
+    assert response.install_http_hooks() == []  # idempotent
     hooks.apply_hooks()
     assert OpenAIServingChat._build_chat_response.__wrapped__ is not None
     assert TokenizerManager.generate_request.__wrapped__ is not None
@@ -130,7 +131,7 @@ def test_non_streaming_response_has_top_level_leyline(hooks) -> None:
 
 
 def test_requests_without_accounting_are_unchanged(hooks) -> None:
-    response.install_response_hooks()
+    response.install_http_hooks()
     hooks.apply_hooks()
     out = {"text": "x", "output_ids": [1], "meta_info": _meta(None), "index": 0}
     adapted = GenerateReqInput(input_ids=[1], sampling_params={})
@@ -147,7 +148,7 @@ async def _collect(serving: OpenAIServingChat, adapted: GenerateReqInput) -> lis
 
 
 def test_final_usage_chunk_of_a_stream_has_leyline(hooks) -> None:
-    response.install_response_hooks()
+    response.install_http_hooks()
     hooks.apply_hooks()
     # SGLang's streamed meta_info carries the accounting in the first chunk only.
     outs = [

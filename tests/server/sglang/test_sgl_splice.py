@@ -23,6 +23,8 @@ import torch  # noqa: E402
 from sglang.srt.layers.rotary_embedding import get_rope  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams  # noqa: E402
 
+from leyline.directives import Directive, Mode  # noqa: E402
+from leyline.protocol import Payload  # noqa: E402
 from leyline.server.sglang.cache import LeylineRadixCache  # noqa: E402
 from leyline.server.sglang.pool import PoolBinding  # noqa: E402
 from leyline.server.sglang.rotary import rope_spec_from_module  # noqa: E402
@@ -107,11 +109,10 @@ def _setup(kind: str, dtype: torch.dtype, scaling=None, neox=True):
 
 
 def _payload(version: int, base: int | None, modes=(), approximate=True) -> dict:
-    return {
-        "session": "s1", "version": version, "base_version": base,
-        "directives": [{"start": 2, "end": 3, "replacement": [2, 2], "mode": m} for m in modes],
-        "approximate": approximate,
-    }  # fmt: skip
+    """A valid wire payload deleting base segment 2 once per mode."""
+    ds = tuple(Directive(2 + i, 3 + i, (2, 2), Mode(m)) for i, m in enumerate(modes))
+    segs = (("0123456789abcdef", 10),) * 3
+    return Payload("s1", version, base, segs, ds, approximate=approximate).to_wire()
 
 
 def _tokens():

@@ -28,6 +28,8 @@ from sglang.srt.managers.schedule_policy import PrefillAdder  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams  # noqa: E402
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
+from leyline.directives import Directive, Mode  # noqa: E402
+from leyline.protocol import Payload  # noqa: E402
 from leyline.server.sglang.cache import LeylineCacheConfig, LeylineRadixCache  # noqa: E402
 from leyline.server.sglang.pool import PoolBinding  # noqa: E402
 from leyline.server.sglang.rotary import rope_spec_from_module  # noqa: E402
@@ -132,16 +134,19 @@ class World:
         return rounds
 
     def kv_of(self, tokens: list[int]) -> torch.Tensor:
-        """The request's slots, matched in its namespace after it finished."""
+        """The request's slots after it finished: in the approximate namespace if it used
+        approximate KV, else in the plain one."""
         from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
         from sglang.srt.mem_cache.radix_cache import RadixKey
 
         from leyline.server.sglang.cache import APPROX_SUFFIX, _arr
 
-        res = self.cache.match_prefix(
-            MatchPrefixParams(key=RadixKey(_arr(np.array(tokens)), APPROX_SUFFIX))
-        )
-        return res.device_indices
+        key = _arr(np.array(tokens))
+        found = [
+            self.cache.match_prefix(MatchPrefixParams(key=RadixKey(key, ns))).device_indices
+            for ns in (APPROX_SUFFIX, None)
+        ]
+        return max(found, key=len)
 
     def assert_fresh_prefill_kv(self, tokens: list[int]) -> None:
         slots = self.kv_of(tokens)
@@ -165,8 +170,11 @@ def _toks(seed: int, n: int) -> list[int]:
 
 
 def _payload(version: int, base: int | None, modes: list[str]) -> dict:
-    ds = [{"start": 1, "end": 2, "replacement": [1, 2], "mode": m} for m in modes]
-    return {"session": "s", "version": version, "base_version": base, "directives": ds}
+    """A valid wire payload with one replacement per mode (the server maps them by diff)."""
+    ds = tuple(Directive(2 * i + 1, 2 * i + 2, (2 * i + 1, 2 * i + 2), Mode(m))
+               for i, m in enumerate(modes))  # fmt: skip
+    segs = (("0123456789abcdef", 10),) * (2 * len(modes) + 2)
+    return Payload("s", version, base, segs, ds).to_wire()
 
 
 def _info(req) -> dict:
