@@ -387,10 +387,10 @@ def _replay_conversations(
                         prepared = session.prepare(
                             messages, forget=req.forget if spec.forget else ()
                         )
-                        payload = prepared.payload()
+                        payload = prepared.to_payload()
                         if not spec.directives:
-                            payload["directives"] = []
-                        body["leyline"] = payload
+                            payload = replace(payload, directives=())
+                        body.update(payload.to_custom_params_body())
                     got = _stream_chat(http, body)
                     if session is not None and prepared is not None:
                         session.commit(prepared)
@@ -420,7 +420,7 @@ def _warm_up(base_url: str, model: str, cfg: ReplayConfig) -> None:
                 "max_tokens": 2,
                 "temperature": 0,
                 "stream": True,
-                "leyline": prepared.payload(),
+                **prepared.extra_body(),
             }
             _stream_chat(http, body)
             session.commit(prepared)

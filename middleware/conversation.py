@@ -93,8 +93,7 @@ class Conversation:
         sent = dict(kwargs, messages=list(result.messages))
         user_extra = kwargs.get("extra_body")
         user_has_leyline = isinstance(user_extra, dict) and (
-            PAYLOAD_KEY in user_extra
-            or PAYLOAD_KEY in (user_extra.get("custom_params") or {})
+            PAYLOAD_KEY in user_extra or PAYLOAD_KEY in (user_extra.get("custom_params") or {})
         )
         if not self.leyline_enabled or user_has_leyline:
             # why: an explicit leyline payload from the caller wins over ours.

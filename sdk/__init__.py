@@ -21,9 +21,18 @@ from leyline.errors import (
     DirectiveError,
     LeylineError,
     MissingExtraError,
+    PayloadError,
     ServerError,
     StaleVersionError,
     TransportError,
+)
+from leyline.protocol import (
+    PROTOCOL_VERSION,
+    DirectiveOutcome,
+    Payload,
+    ResponseInfo,
+    Status,
+    TokenCounts,
 )
 from leyline.segments import Segment, SegmentParams, render_segments, split_content
 from leyline.session import Prepared, Session
@@ -31,20 +40,27 @@ from leyline.session import Prepared, Session
 __version__ = "0.1.0"
 
 __all__ = [
+    "PROTOCOL_VERSION",
     "Accounting",
     "ChatResult",
     "Directive",
     "DirectiveError",
+    "DirectiveOutcome",
     "LeylineClient",
     "LeylineError",
     "MissingExtraError",
     "Mode",
+    "Payload",
+    "PayloadError",
     "Prepared",
+    "ResponseInfo",
     "Segment",
     "SegmentParams",
     "ServerError",
     "Session",
     "StaleVersionError",
+    "Status",
+    "TokenCounts",
     "TransportError",
     "__version__",
     "render_segments",

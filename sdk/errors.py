@@ -14,6 +14,16 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = [
+    "DirectiveError",
+    "LeylineError",
+    "MissingExtraError",
+    "PayloadError",
+    "ServerError",
+    "StaleVersionError",
+    "TransportError",
+]
+
 
 class LeylineError(Exception):
     """Base class of every error raised by the Leyline SDK."""

@@ -139,9 +139,7 @@ class Payload:
             directives = tuple(directives_from_wire(raw))
             if directives:
                 # The base's segment count is the server's to check; the new version's is here.
-                directives = validate_directives(
-                    directives, base_len=2**62, new_len=len(segments)
-                )
+                directives = validate_directives(directives, base_len=2**62, new_len=len(segments))
         except DirectiveError as exc:
             param = f"{where}.directives" + ("" if exc.index is None else f"[{exc.index}]")
             raise PayloadError(str(exc), param=param, code="invalid_directive") from exc
@@ -312,9 +310,7 @@ def ignored_all(count: int, reason: str) -> tuple[DirectiveOutcome, ...]:
     return tuple(DirectiveOutcome(i, Status.IGNORED, reason, 0) for i in range(count))
 
 
-def _int(
-    obj: Mapping[str, Any], name: str, where: str, *, required: bool, low: int
-) -> int | None:
+def _int(obj: Mapping[str, Any], name: str, where: str, *, required: bool, low: int) -> int | None:
     value = obj.get(name)
     if value is None and not required:
         return None

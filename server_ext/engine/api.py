@@ -195,7 +195,9 @@ def create_app(engine: Engine, *, model_name: str, max_request_bytes: int) -> Fa
 
     def payload(req: ChatCompletionRequest) -> Payload | None:
         try:
-            return Payload.from_request({"leyline": req.leyline, "custom_params": req.custom_params})
+            return Payload.from_request(
+                {"leyline": req.leyline, "custom_params": req.custom_params}
+            )
         except PayloadError as exc:
             raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
 

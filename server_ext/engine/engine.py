@@ -30,13 +30,13 @@ import torch
 
 from leyline.directives import validate_directives
 from leyline.errors import DirectiveError
+from leyline.protocol import DirectiveOutcome, Payload, TokenCounts, ignored_all
 from leyline.server.core.chunking import chunk_spans
 from leyline.server.core.index import ContentIndex
 from leyline.server.core.kernels.splice import kv_pointers, splice_kv
 from leyline.server.core.planner import CachedSequence, Plan, TokenDirective, build_plan
 from leyline.server.engine.forward import Generation, sample_next
 from leyline.server.engine.model import LoadedModel
-from leyline.protocol import DirectiveOutcome, Payload, TokenCounts, ignored_all
 from leyline.server.engine.protocol import APIError
 from leyline.server.engine.radix import Match, RadixTree
 from leyline.server.engine.sessions import SessionTable, UnknownSession
@@ -357,7 +357,9 @@ class Engine:
 
     def _token_directives(
         self, work: Work, state: Any, notes: list[str]
-    ) -> tuple[list[TokenDirective], tuple[DirectiveOutcome, ...], tuple[CachedSequence, Any] | None]:
+    ) -> tuple[
+        list[TokenDirective], tuple[DirectiveOutcome, ...], tuple[CachedSequence, Any] | None
+    ]:
         """Segment directives -> token directives over the session's last served sequence."""
         payload = work.leyline
         if payload is None or state is None or state.node is None:

@@ -7,7 +7,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-
 class APIError(Exception):
     """An error answered in OpenAI's shape; raising it changes nothing in the engine."""
 

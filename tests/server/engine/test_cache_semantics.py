@@ -292,3 +292,66 @@ def test_small_cache_evicts_and_stays_consistent(srv: RunningServer) -> None:
             httpx.delete(f"{small.base_url}/leyline/sessions/{agent.session.id}")
         assert small.engine.tree.protected_tokens == 0
         assert_no_leaks(small.engine)
+
+
+def test_spliced_prefix_matched_later_is_inherited_not_exact(srv: RunningServer) -> None:
+    agent = Agent(srv)
+    h = _history("inh")
+    agent.send(h)
+    edited = h[:3] + h[5:]
+    r2 = agent.send(edited)
+    before_edit = r2["leyline"]["tokens"]["exact"]
+    assert r2["leyline"]["tokens"]["spliced"] > 200 and not r2["leyline"]["exact_kv"]
+    turn = [*edited, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Go on."}]
+    r3 = agent.send(turn)
+    t = r3["leyline"]["tokens"]
+    # the spliced KV of request 2 is now matched as a prefix: approximate, reported as such
+    assert t["exact"] <= before_edit and t["inherited"] > 200, t
+    assert t["approximate"] == t["inherited"] + t["spliced"] + t["chunk_reused"]
+    assert r3["leyline"]["exact_kv"] is False
+    details = r3["usage"]["prompt_tokens_details"]
+    assert details["cached_tokens"] == t["exact"] + t["approximate"]
+    assert details["approximate_tokens"] == t["approximate"]
+    # the same session asking for exact KV only gets no approximate token at all
+    agent.session.approximate = False
+    r4 = agent.send(
+        [*turn, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "?"}]
+    )
+    t4 = r4["leyline"]["tokens"]
+    assert t4["approximate"] == 0 and r4["leyline"]["exact_kv"] is True, t4
+    assert r4["usage"]["prompt_tokens_details"]["approximate_tokens"] == 0
+
+
+def test_forget_with_repeated_and_moved_content_equals_fresh(srv: RunningServer) -> None:
+    agent = Agent(srv)
+    h = _history("rpt")
+    agent.send(h)
+    # message 3 is redacted (FORGET) and its content comes back at the end (moved, so the
+    # base and the content index hold its KV): FORGET must reuse none of it
+    edited = [*h[:3], {"role": "user", "content": "[redacted]"}, *h[4:],
+              {"role": "assistant", "content": "ok"}, {"role": "user", "content": h[3]["content"]}]  # fmt: skip
+    r = agent.send(edited, forget=(3,))
+    t = r["leyline"]["tokens"]
+    assert t["chunk_reused"] == 0 and t["spliced"] == 0, r["leyline"]
+    with running_server(model=srv.model) as fresh:
+        plain = openai.OpenAI(base_url=fresh.base_url, api_key="t", max_retries=0)
+        ref = plain.chat.completions.create(
+            model=fresh.model,
+            messages=edited,
+            max_tokens=4,
+            temperature=0,  # type: ignore[arg-type]
+        )
+    assert r["choices"][0]["message"]["content"] == ref.choices[0].message.content
+
+
+def test_edit_already_cached_exactly_is_not_needed(srv: RunningServer) -> None:
+    agent = Agent(srv)
+    h = _history("ndd")
+    agent.send(h)
+    edited = h[:3] + h[5:]
+    plain = openai.OpenAI(base_url=srv.base_url, api_key="t", max_retries=0)
+    plain.chat.completions.create(model=srv.model, messages=edited, max_tokens=2)  # type: ignore[arg-type]
+    r = agent.send(edited)  # the edited prompt is already an exact prefix hit
+    (outcome,) = r["leyline"]["directives"]
+    assert outcome["status"] == "not_needed", r["leyline"]
+    assert r["leyline"]["tokens"]["spliced"] == 0 and r["leyline"]["exact_kv"] is True
