@@ -6,6 +6,8 @@
 #   speed-mla    the same for the DeepSeek-V2-Lite shape (MLA attention, dense MLPs)
 #   correctness  a seeded random Llama (real outputs) on the leyline backend with every splice
 #                verified; benchmarks/sglang_correctness.py
+#   wrap         leyline.wrap under the real openai client, a multi-turn agent conversation
+#                with truncation edits against the leyline backend; scripts/gpu/wrap_conversation.py
 # Results and server logs go to $OUT (default /tmp/leyline-gpu). SGLang's prefill CUDA graphs
 # are on (serve.sh) and the speed files are named *_pcg_*; SGLANG_PREFILL_CUDA_GRAPH=0 turns
 # them off (files without _pcg; MLA models run without them either way: SGLang disables them).
@@ -43,5 +45,12 @@ case "${1:-speed}" in
     python3 benchmarks/sglang_correctness.py --out "$OUT/correctness.json" \
       --tokenizer /tmp/models/random-llama/tokenizer.json 2>&1 | tee "$OUT/correctness.log"
     sglang_stop ;;
-  *) echo "usage: $0 speed|speed-mla|correctness" >&2; exit 2 ;;
+  wrap)
+    sglang_start wrap /tmp/models/llama-3.1-8b --load-format dummy --mem-fraction-static 0.8 \
+      --radix-cache-backend leyline || exit 1
+    python3 scripts/gpu/wrap_conversation.py --base-url "http://127.0.0.1:$SGLANG_PORT/v1" \
+      --out "$OUT/wrap.json" 2>&1 | tee "$OUT/wrap.log"
+    python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$SGLANG_PORT/v1/leyline/info').read().decode())" | tee -a "$OUT/wrap.log"
+    sglang_stop ;;
+  *) echo "usage: $0 speed|speed-mla|correctness|wrap" >&2; exit 2 ;;
 esac
