@@ -7,7 +7,8 @@ Run against a server started with ``--radix-cache-backend leyline`` and
 (on a ~6K-token conversation) it compares greedy 24-token replies:
 
 - FORGET vs a fresh server (``/flush_cache``, then the edited prompt as a plain request) and vs
-  SGLang's own prefix-cached path (plain base, then plain edited request): FORGET must be exact;
+  SGLang's own prefix-cached path (plain base, then plain edited request): FORGET must be exact,
+  and its accounting must say so (``exact_kv``: no inherited, spliced or chunk-reused token);
 - AMORTIZE (spliced, windows) vs the fresh answer: measured (first token, full reply, first
   divergence), never asserted;
 - a plain request without a payload before, during and after all this: unchanged.
@@ -106,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         "cases": len(rows),
         "forget_equal_fresh": sum(r["forget_vs_fresh"] is None for r in rows),
         "forget_equal_radix": sum(r["forget_vs_radix"] is None for r in rows),
+        "forget_reported_exact": sum(
+            (r["forget_leyline"] or {}).get("exact_kv") is True for r in rows
+        ),
+        "amortize_reported_approximate": sum(
+            (r["amortize_leyline"] or {}).get("exact_kv") is False for r in rows
+        ),
         "radix_equal_fresh": sum(r["radix_vs_fresh"] is None for r in rows),
         "amortize_equal_fresh": sum(r["amortize_vs_fresh"] is None for r in rows),
         "amortize_first_token_equal": sum(r["amortize_vs_fresh"] != 0 for r in rows),

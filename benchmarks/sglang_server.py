@@ -14,7 +14,8 @@ truncated and the fourth output removed).
 
 With ``--leyline`` each conversation is a `leyline.Session`: the edit travels as AMORTIZE
 directives in SGLang's ``custom_params`` (docs/sglang.md), and the server's accounting
-(exact / spliced / chunk_reused / recomputed tokens, windows, per-directive outcome) is kept.
+(exact / inherited / spliced / chunk_reused / recomputed tokens, windows, per-directive
+outcome) is kept.
 
     python benchmarks/sglang_server.py run --label default --out default.json
     python benchmarks/sglang_server.py run --label leyline --leyline --out leyline.json
@@ -208,18 +209,21 @@ class Runner:
         self, msgs: list[dict], session: Any = None, mode: str | None = None, **params: Any
     ) -> tuple[float, dict[str, Any]]:
         """One greedy chat request (wall ms, response body). With a `leyline.Session` the
-        payload travels in SGLang's ``custom_params`` and the session commits on success;
-        ``mode`` sets every directive's mode."""
-        from leyline.server.sglang.payload import to_custom_params
+        payload (`leyline.protocol.Payload`) travels in SGLang's ``custom_params`` and the
+        session commits on success; ``mode`` sets every directive's mode."""
+        from dataclasses import replace
+
+        from leyline.directives import Mode
 
         extra: dict[str, Any] = {}
         prepared = None
         if session is not None:
             prepared = session.prepare(msgs)
-            payload = prepared.payload()
-            for d in payload["directives"] if mode is not None else ():
-                d["mode"] = mode
-            extra = {"custom_params": to_custom_params(payload)}
+            payload = prepared.to_payload()
+            if mode is not None:
+                directives = tuple(replace(d, mode=Mode(mode)) for d in payload.directives)
+                payload = replace(payload, directives=directives)
+            extra = payload.to_custom_params_body()
         t = time.perf_counter()
         resp = self.client.chat.completions.create(
             model=self.model, messages=msgs, temperature=0, extra_body=extra, **params
@@ -235,6 +239,7 @@ class Runner:
         info = {
             "prompt_tokens": body["usage"]["prompt_tokens"],
             "cached_tokens": details.get("cached_tokens"),
+            "approximate_tokens": details.get("approximate_tokens"),
             "leyline": body.get("leyline"),
         }
         return ms, info
@@ -288,7 +293,7 @@ def report(paths: list[str]) -> str:
     if base and ley:
         head += (
             " | leyline / its floor | default / leyline"
-            " | leyline tokens (exact/spliced/chunk/recomputed, windows) |"
+            " | leyline tokens (exact/inherited/spliced/chunk/recomputed, windows) |"
         )
     else:
         head += " |"
@@ -311,7 +316,7 @@ def report(paths: list[str]) -> str:
                             None)  # fmt: skip
             t = (acct or {}).get("tokens", {})
             tok = (
-                f"{t.get('exact')}/{t.get('spliced')}/{t.get('chunk_reused')}/"
+                f"{t.get('exact')}/{t.get('inherited')}/{t.get('spliced')}/{t.get('chunk_reused')}/"
                 f"{t.get('recomputed')}, {(acct or {}).get('windows')}"
                 if t else "-"
             )  # fmt: skip

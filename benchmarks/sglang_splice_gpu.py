@@ -95,6 +95,8 @@ def bench_case(name: str, n: int, device: str, reps: int) -> dict[str, Any]:
     from sglang.srt.mem_cache.radix_cache import RadixKey
     from sglang.srt.sampling.sampling_params import SamplingParams
 
+    from leyline.directives import Directive
+    from leyline.protocol import Payload
     from leyline.server.core.kernels.splice import splice_kv
     from leyline.server.core.rope import RopeSpec
     from leyline.server.sglang.cache import LeylineRadixCache, _namespace
@@ -127,9 +129,9 @@ def bench_case(name: str, n: int, device: str, reps: int) -> dict[str, Any]:
         ns = _namespace(None)
         cache.insert(InsertParams(key=RadixKey(array("q", base), ns), value=slots))
         cache.sessions.record("s", 1, base, len(base))
-        payload = {"session": "s", "version": 2, "base_version": 1,
-                   "directives": [{"start": 1, "end": 2, "replacement": [1, 1], "mode": "amortize"}]}  # fmt: skip
-        sp = SamplingParams(max_new_tokens=1, custom_params={"leyline": json.dumps(payload)})
+        # delete segment 1 of the base (the plugin maps directives to tokens by its own diff)
+        payload = Payload("s", 2, 1, (("0" * 16, 1),) * 2, (Directive(1, 2, (1, 1)),))
+        sp = SamplingParams(max_new_tokens=1, custom_params=payload.to_custom_params())
         req = Req("r", "", array("q", new), sp)
         key = RadixKey(array("q", new), None, limit=len(new) - 1)
         _sync(device)

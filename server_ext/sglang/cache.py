@@ -10,8 +10,11 @@ equal to a fresh prefill. On the first ``match_prefix`` of a request that opts i
    spans) and the content index's chunks after the longer match;
 2. a request that inherits approximate KV (its approximate match is longer) or whose plan
    copies moves to the approximate namespace; any other is served by SGLang's own path in the
-   plain namespace, and its KV stays exact for the requests after it;
-3. seed: in the approximate namespace, a longer plain match is copied in (delta 0);
+   plain namespace, and its KV stays exact for the requests after it. A FORGET request whose
+   approximate match runs past its edit is served exact too;
+3. seed: in the approximate namespace, a longer plain match is copied in (delta 0) and its
+   node marked exact: the request's ``exact`` tokens are those, the rest it matched there
+   is ``inherited``;
 4. the match extends through the plan's copy runs at its end and stops at the first recompute
    window, whose end is recorded for the prefill adder hooks
    (:mod:`leyline.server.sglang.windows`); the extension is allocated (evicting when the pool
@@ -19,8 +22,8 @@ equal to a fresh prefill. On the first ``match_prefix`` of a request that opts i
    per-token delta) and inserted, so the next ``match_prefix`` call (SGLang makes several per
    request) finds it as a cached prefix.
 
-After SGLang prefilled a window, ``cache_unfinished_req`` runs steps 2-3 again from the
-window's end and appends the copy run to the request's prefix. Per-request state and the
+After SGLang prefilled a window, ``cache_unfinished_req`` plans again from the window's end
+(steps 1 and 4) and appends the copy run to the request's prefix. Per-request state and the
 accounting live in :mod:`leyline.server.sglang.request_state`.
 """
 
@@ -60,6 +63,7 @@ logger = logging.getLogger(__name__)
 APPROX_SUFFIX = "\x1eleyline:approx"
 _STATE_ATTR = "_leyline_state"
 _PAYLOAD_ATTR = "_leyline_payload"
+_SEEDED_ATTR = "_leyline_seeded"  # on approximate-namespace nodes copied from the plain one
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +142,8 @@ class LeylineRadixCache(RadixCache):
     """SGLang's `RadixCache` plus AMORTIZE/FORGET directives and content-addressed reuse.
 
     Requests without a Leyline payload (or with ``approximate: false``) take exactly
-    SGLang's code path.
+    SGLang's code path; so do the lookups of a request that uses no approximate KV, which
+    only adds its accounting and its session version.
     """
 
     def __init__(
@@ -196,6 +201,15 @@ class LeylineRadixCache(RadixCache):
             self._evicted.append(node.value)
         self._evictions += 1  # cached copies of slot lists (RequestState.base) may be stale
         super()._delete_leaf(node)
+
+    def _split_node(self, key: RadixKey, child: TreeNode, split_len: int) -> TreeNode:
+        # NOTE: SGLang 0.5.16's _split_node moves the first split_len tokens of ``child`` into a
+        # new parent node; both halves of a seeded node are exact (see `_exact_len`).
+        # tests/server/sglang/test_sgl_windows.py fails if the split stops passing through here.
+        new_node = super()._split_node(key, child, split_len)
+        if getattr(child, _SEEDED_ATTR, False):
+            setattr(new_node, _SEEDED_ATTR, True)
+        return new_node
 
     def evict(self, params: EvictParams) -> Any:
         result = super().evict(params)
@@ -270,16 +284,20 @@ class LeylineRadixCache(RadixCache):
         state = RequestState(payload, prompt_len=len(req.origin_input_ids), t0=t0)
         setattr(req, _STATE_ATTR, state)
         n_plain, n_ns = len(plain.device_indices), len(res.device_indices)
-        start = max(n_plain, n_ns)
-        planned = None
-        if (
-            self.binding is not None
-            and len(tokens)
-            and (len(tokens) > start or state.payload.directives)
-        ):
+        if self.binding is not None and len(tokens):
             self._prepare(state, tokens)
+        # FORGET: nothing approximate after the edit. An approximate match running past it
+        # could not be used, nor could this request's own KV be (SGLang deduplicates equal
+        # keys of one namespace on insert): the request is served exact.
+        ns_ok = not payload.forgets or n_ns <= state.forget_start(n_plain)
+        start = max(n_plain, n_ns if ns_ok else 0)
+        planned = None
+        if self.binding is not None and len(tokens) and (len(tokens) > start or payload.directives):
             planned = self._plan(state, tokens, start, ns)
-        approx = n_ns > n_plain or (planned is not None and planned.copies)
+        copies = planned is not None and planned.copies
+        if copies and not ns_ok:
+            state.shortfall("the cache holds approximate KV past the FORGET edit: served exact")
+        approx = ns_ok and (n_ns > n_plain or copies)
         if approx and n_plain > n_ns:  # only a plan that copies gets here: a binding exists
             res = self._seed(state, raw, res, ns, plain)
             if len(res.device_indices) < n_plain:
@@ -290,8 +308,8 @@ class LeylineRadixCache(RadixCache):
             state.approx = True
             req.extra_key = ns  # every later lookup and insert of this request stays there
             state.indexed_from = n_ns
-            state.exact = n_plain
-            state.inherited = len(res.device_indices) - n_plain
+            state.exact = min(n_plain, self._exact_len(res.last_device_node))
+            state.inherited = len(res.device_indices) - state.exact
             if planned is not None:
                 res = self._advance(req, state, tokens, raw, res, ns, planned)
             state.settled = (len(tokens), len(res.device_indices), self._evictions)
@@ -373,9 +391,9 @@ class LeylineRadixCache(RadixCache):
         """The request's payload, parsed once (cached on the `Req`)."""
         if req is None:
             return None
-        cached = getattr(req, _PAYLOAD_ATTR, False)
-        if cached is not False:
-            return cached  # type: ignore[no-any-return]
+        if hasattr(req, _PAYLOAD_ATTR):
+            cached: Payload | None = getattr(req, _PAYLOAD_ATTR)
+            return cached
         sp = getattr(req, "sampling_params", None)
         try:
             payload = Payload.from_custom_params(getattr(sp, "custom_params", None))
@@ -412,8 +430,26 @@ class LeylineRadixCache(RadixCache):
         if self._fill(res, src, zeros, donors, ns_key) or self._fill(
             res, src, zeros, donors, ns_key, evict=False
         ):
-            return super().match_prefix(MatchPrefixParams(key=ns_key))
+            seeded = super().match_prefix(MatchPrefixParams(key=ns_key))
+            setattr(seeded.last_device_node, _SEEDED_ATTR, True)  # the new leaf: [lo, hi)
+            return seeded
         return res
+
+    def _exact_len(self, node: TreeNode) -> int:
+        """Leading tokens of the approximate-namespace path to ``node`` that were seeded from
+        the plain one: the only KV there known to equal a fresh prefill. (The same tokens may
+        also be cached exact in the plain namespace after an approximate request put them
+        here, e.g. replayed with ``approximate: false``; the KV this path serves is its own.)"""
+        path = []
+        while node is not None and node is not self.root_node:
+            path.append(node)
+            node = node.parent
+        exact = 0
+        for n in reversed(path):
+            if not getattr(n, _SEEDED_ATTR, False):
+                break
+            exact += len(n.key)
+        return exact
 
     def _base(self, state: RequestState, ns: str) -> tuple[Any, TreeNode | None, Any]:
         """The session's base version as a planner `CachedSequence` (its still cached part, in

@@ -41,9 +41,10 @@ class RequestState:
     """One request's plan inputs, window schedule and served-token record.
 
     ``exact`` and ``inherited`` split the prefix the request found cached before any copy:
-    ``exact`` was matched in the plain namespace (KV of a fresh prefill), ``inherited`` only in
-    the approximate one (KV descending from earlier splices or chunk copies). ``approx``: the
-    request lives in the approximate namespace (it inherits or copies approximate KV).
+    ``exact`` holds KV of a fresh prefill (the plain namespace, or copies seeded from it),
+    ``inherited`` the rest of its approximate-namespace match (KV descending from earlier
+    splices or chunk copies). ``approx``: the request lives in the approximate namespace (it
+    inherits or copies approximate KV).
     """
 
     payload: Payload
@@ -109,6 +110,13 @@ class RequestState:
         if text not in self.notes:
             self.notes.append(text)
 
+    def forget_start(self, unknown: int) -> int:
+        """Request position of the first FORGET edit; ``unknown`` when it was not located
+        (no base to diff against, or no edit found)."""
+        al = self.alignment
+        starts = [e.new_start for e in al.edits if e.mode == "forget"] if al is not None else []
+        return min(starts, default=unknown)
+
     # ----- reporting -----
 
     @property
@@ -135,7 +143,7 @@ class RequestState:
             return ignored_all(count, self.base_missing)
         al = self.alignment
         if al is None or not al.edits:
-            return ignored_all(count, al.reason if al is not None else "no base version to edit")
+            return ignored_all(count, (al and al.reason) or "no base version to edit")
         per_edit = [self._edit_outcome(j) for j in range(len(al.edits))]
         if al.paired:
             return tuple(per_edit)

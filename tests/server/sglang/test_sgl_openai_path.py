@@ -127,15 +127,18 @@ def hooks(monkeypatch: pytest.MonkeyPatch) -> type[HookRegistry]:
 
 def _manager() -> SimpleNamespace:
     """What the serving classes read of SGLang's TokenizerManager before validating."""
+    hf = SimpleNamespace(model_type="llama", architectures=["LlamaForCausalLM"])
     return SimpleNamespace(
         server_args=ServerArgs(model_path="dummy"), tokenizer=None,
-        model_config=SimpleNamespace(get_default_sampling_params=dict),
+        model_config=SimpleNamespace(get_default_sampling_params=dict, hf_config=hf),
     )  # fmt: skip
 
 
 @pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
 def test_malformed_payload_is_a_400_from_sglangs_serving_classes(hooks, raw: str) -> None:
-    want = str(pytest.raises(PayloadError, Payload.from_custom_params, {"leyline": raw}).value)
+    with pytest.raises(PayloadError) as exc:
+        Payload.from_custom_params({"leyline": raw})
+    want = str(exc.value)
     chat = OpenAIServingChat(_manager(), None)
     resp = asyncio.run(chat.handle_request(_chat({"leyline": raw}), None))
     assert resp.status_code == 400

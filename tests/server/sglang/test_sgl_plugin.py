@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from sglang.srt.layers.rotary_embedding import get_rope  # noqa: E402
 from sglang.srt.mem_cache import registry  # noqa: E402
 
+from leyline.protocol import PROTOCOL_VERSION  # noqa: E402
 from leyline.server.sglang import plugin  # noqa: E402
 from leyline.server.sglang.cache import LeylineRadixCache  # noqa: E402
 
@@ -184,6 +185,15 @@ def test_routes_on_sglangs_app() -> None:
     assert install_routes(http_server.app) is False  # already there, not twice
     client = TestClient(http_server.app)
     assert client.get("/v1/leyline/health").json() == {"backend": "leyline", "registered": True}
-    sid = client.post("/v1/leyline/sessions").json()["session"]
-    assert len(sid) == 32
-    assert client.delete(f"/v1/leyline/sessions/{sid}").json()["closed"] is True
+    assert client.get("/v1/leyline/info").json() == {
+        "server": "sglang", "protocol": PROTOCOL_VERSION, "payload": "custom_params.leyline"
+    }  # fmt: skip
+    opened = client.post("/v1/leyline/sessions/agent-7").json()
+    assert opened["id"] == "agent-7" and opened["opened"] is True
+    closed = client.delete("/v1/leyline/sessions/agent-7").json()
+    assert closed["id"] == "agent-7" and closed["closed"] is True
+    bad = client.post("/v1/leyline/sessions/" + "x" * 129)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "session"
+    # Session state lives in the scheduler processes: no invented answers (docs/sglang.md).
+    assert client.get("/v1/leyline/sessions/agent-7").status_code in (404, 405)
+    assert client.get("/v1/leyline/stats").status_code == 404

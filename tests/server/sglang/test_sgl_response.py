@@ -28,15 +28,15 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType  # noqa: E40
 from sglang.srt.server_args import ServerArgs  # noqa: E402
 
 from leyline import Accounting  # noqa: E402
+from leyline.protocol import DirectiveOutcome, ResponseInfo, Status, TokenCounts  # noqa: E402
 from leyline.server.sglang import plugin, response  # noqa: E402
 from leyline.server.sglang.cache import LeylineRadixCache  # noqa: E402
 
-WIRE = {
-    "session": "9f1c2a", "version": 3,
-    "tokens": {"exact": 512, "spliced": 270, "chunk_reused": 8, "recomputed": 22},
-    "directives": [{"index": 0, "status": "applied", "reason": None}],
-    "notes": ["a note"],
-}  # fmt: skip
+WIRE = ResponseInfo(
+    "9f1c2a", 3, TokenCounts(exact=512, spliced=270, chunk_reused=8, recomputed=22),
+    (DirectiveOutcome(0, Status.APPLIED, None, 270),), ("a note",), {"windows": 1},
+).to_wire()  # fmt: skip
+DETAILS = {"cached_tokens": 790, "approximate_tokens": 278}  # SGLang's cached_tokens is kept
 
 
 @pytest.fixture
@@ -109,7 +109,9 @@ def test_cache_wire_is_what_the_response_carries() -> None:
     meta = _meta(None, leyline=req.customized_info["leyline"])
     wire = response.accounting_from_meta_info(meta)
     assert wire["session"] == "s" and wire["notes"] == []
-    assert wire["tokens"] == {"exact": 0, "spliced": 0, "chunk_reused": 0, "recomputed": 4}
+    assert wire["tokens"] == {"exact": 0, "inherited": 0, "spliced": 0, "chunk_reused": 0,
+                              "recomputed": 4, "approximate": 0}  # fmt: skip
+    assert ResponseInfo.from_wire(wire).tokens == TokenCounts(recomputed=4)
 
 
 def test_non_streaming_response_has_top_level_leyline(hooks) -> None:
@@ -124,6 +126,7 @@ def test_non_streaming_response_has_top_level_leyline(hooks) -> None:
     resp = asyncio.run(serving._handle_non_streaming_request(adapted, _request(False), None))
     body = jsonable_encoder(resp)  # what FastAPI sends for the route's return value
     assert body["leyline"] == WIRE
+    assert body["usage"]["prompt_tokens_details"] == DETAILS
     assert body["choices"][0]["message"]["content"] == "hello"
     acct = Accounting.from_response(body)
     assert (acct.exact, acct.spliced, acct.chunk_reused, acct.recomputed) == (512, 270, 8, 22)
@@ -138,7 +141,10 @@ def test_requests_without_accounting_are_unchanged(hooks) -> None:
     resp = asyncio.run(
         _serving([out])._handle_non_streaming_request(adapted, _request(False), None)
     )
-    assert "leyline" not in jsonable_encoder(resp)
+    body = jsonable_encoder(resp)
+    assert "leyline" not in body and body["usage"]["prompt_tokens_details"] == {
+        "cached_tokens": 790
+    }  # fmt: skip
     chunks = asyncio.run(_collect(_serving([out]), adapted))
     assert all('"leyline"' not in c for c in chunks)
 
@@ -163,6 +169,7 @@ def test_final_usage_chunk_of_a_stream_has_leyline(hooks) -> None:
     usage = [b for b in bodies if b.get("usage")]
     assert len(usage) == 1 and usage[0]["choices"] == []
     assert usage[0]["leyline"] == WIRE
+    assert usage[0]["usage"]["prompt_tokens_details"] == DETAILS
     assert all("leyline" not in b for b in bodies if b is not usage[0])
     acct = Accounting.from_response(usage[0])
     assert (acct.spliced, acct.cached_tokens) == (270, 790)

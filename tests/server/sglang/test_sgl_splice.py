@@ -150,7 +150,12 @@ def test_amortize_splice_equals_sglang_rotary_at_new_positions(
     res = match(cache, r2)
     kept = N1 - (CUT_B - CUT_A)
     assert len(res.device_indices) == kept  # prefix + spliced suffix; the new turn is prefilled
-    assert stack.alloc.available_size() == free_before - (kept - CUT_A)
+    # The base is exact, in the plain namespace: its prefix is seeded into the approximate one
+    # (a delta-0 copy, bit-exact) and the suffix spliced after it.
+    assert stack.alloc.available_size() == free_before - kept
+    exact = match(cache, make_req("p", base, None)).device_indices[:CUT_A]
+    buffers = stack.pool.k_buffer if kind == "mha" else stack.pool.kv_buffer
+    assert all(torch.equal(b[res.device_indices[:CUT_A]], b[exact]) for b in buffers)
     slots = res.device_indices[CUT_A:kept]
     pos = torch.arange(CUT_A, kept)
     inst = pos + (CUT_B - CUT_A)  # the base token instance each new position holds
@@ -172,17 +177,21 @@ def test_amortize_splice_equals_sglang_rotary_at_new_positions(
     # Idempotent: SGLang calls match_prefix several times per request.
     again = match(cache, r2)
     assert torch.equal(again.device_indices, res.device_indices)
-    assert stack.alloc.available_size() == free_before - (kept - CUT_A)
+    assert stack.alloc.available_size() == free_before - kept
     info = json.loads(r2.customized_info["leyline"][0])
-    assert info["tokens"] == {"exact": CUT_A, "spliced": kept - CUT_A, "chunk_reused": 0,
-                              "recomputed": len(new) - kept}  # fmt: skip
+    assert info["tokens"] == {"exact": CUT_A, "inherited": 0, "spliced": kept - CUT_A,
+                              "chunk_reused": 0, "recomputed": len(new) - kept,
+                              "approximate": kept - CUT_A}  # fmt: skip
+    assert info["exact_kv"] is False
     assert info["directives"][0]["status"] == "applied"
 
-    # A request that did not opt in never sees the spliced (approximate) KV.
+    # A request that did not opt in never sees the spliced (approximate) KV: only the exact
+    # prefix, which the base left in the plain namespace.
     plain = make_req("r3", new, None)
-    assert len(match(cache, plain).device_indices) == 0
+    assert len(match(cache, plain).device_indices) == CUT_A
     plain2 = make_req("r4", new, _payload(3, 2, approximate=False))
-    assert len(match(cache, plain2).device_indices) == 0
+    assert len(match(cache, plain2).device_indices) == CUT_A
+    assert plain2.customized_info is None  # served by SGLang's own path, no accounting
 
 
 def test_forget_matches_only_the_kept_prefix_and_invariant_holds() -> None:
@@ -239,7 +248,8 @@ def test_allocation_evicts_unlocked_nodes_but_not_the_donor() -> None:
     # Unrelated cached sequence (evictable), then take all other free slots.
     other = torch.randint(40000, 50000, (60,), generator=torch.Generator().manual_seed(1)).tolist()
     serve(cache, stack, make_req("o", other, None), model.writer(lambda p: p))
-    grabbed = stack.alloc.alloc(stack.alloc.available_size() - 5)
+    # Room for the seed of the exact prefix (CUT_A tokens) and 5 more: the splice must evict.
+    grabbed = stack.alloc.alloc(stack.alloc.available_size() - 5 - CUT_A)
     r2 = make_req("r2", new, _payload(2, 1, ["amortize"]))
     res = match(cache, r2)
     kept = N1 - (CUT_B - CUT_A)

@@ -29,7 +29,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams  # noqa: E402
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
 from leyline.directives import Directive, Mode  # noqa: E402
-from leyline.protocol import Payload  # noqa: E402
+from leyline.protocol import Payload, TokenCounts  # noqa: E402
 from leyline.server.sglang.cache import LeylineCacheConfig, LeylineRadixCache  # noqa: E402
 from leyline.server.sglang.pool import PoolBinding  # noqa: E402
 from leyline.server.sglang.rotary import rope_spec_from_module  # noqa: E402
@@ -148,14 +148,14 @@ class World:
         ]
         return max(found, key=len)
 
-    def assert_fresh_prefill_kv(self, tokens: list[int]) -> None:
+    def assert_fresh_prefill_kv(self, tokens: list[int], tol: float = 1e-4) -> None:
         slots = self.kv_of(tokens)
         assert len(slots) == len(tokens)
         toks, pos = torch.tensor(tokens), torch.arange(len(tokens))
         for layer in range(2):
             torch.testing.assert_close(
                 self.stack.pool.k_buffer[layer][slots], self.key_at(layer, toks, pos),
-                rtol=1e-4, atol=1e-4,  # fp32 rounding of angles up to ~700 rad
+                rtol=tol, atol=tol,  # NOTE: fp32 rounding of angles (1e-4: up to ~700 rad)
             )  # fmt: skip
             assert torch.equal(self.stack.pool.v_buffer[layer][slots], self.raw_v[layer][toks])
 
@@ -216,9 +216,9 @@ def test_replacement_prefills_only_the_window_and_the_turn(chunk) -> None:
     assert info["directives"] == [
         {"index": 0, "status": "applied", "reason": None, "spliced_tokens": len(B)}
     ]
-    assert t["exact"] == len(SYS) and t["spliced"] == len(B)
+    assert t["exact"] == len(SYS) and t["spliced"] == len(B) and t["inherited"] == 0
     assert t["recomputed"] == len(A_SHORT) + len(TURN) == w.prefilled
-    assert sum(t.values()) == len(new)
+    assert TokenCounts.from_wire(t).total == len(new) and info["exact_kv"] is False
     assert rounds[0][0] == len(SYS) and rounds[-1][1] == len(new)
     window_end = len(SYS) + len(A_SHORT)
     assert any(e == window_end for _s, e in rounds)
@@ -353,7 +353,8 @@ def test_splice_verification_reports_rows_checked_against_the_core_rotate() -> N
     req = make_req("r2", new, _payload(2, 1, ["amortize"]))
     w.serve(req)
     checks = _info(req)["splice_checks"]
-    assert checks["rows"] == len(B) and checks["bit_exact_outside_rope"] is True
+    # the exact prefix seeded from the plain namespace (delta 0), then the spliced suffix
+    assert checks["rows"] == len(SYS) + len(B) and checks["bit_exact_outside_rope"] is True
     assert checks["max_abs_err"] < 1e-4
     # A corrupted splice is caught: rotate the wrong way and the check reports it.
     w.cache.splicer.check(torch.tensor([1]), torch.tensor([2]), torch.tensor([5]))
@@ -430,3 +431,178 @@ def test_a_window_never_makes_a_second_chunked_request_in_one_round() -> None:
     assert windowed.extend_range.end == getattr(windowed, WINDOW_ATTR)
     assert adder.rem_chunk_tokens == 0
     w.cache.dec_lock_ref(windowed.last_node)
+
+
+# ----- truthful accounting across a session's requests -----
+
+
+def test_appended_turns_stay_exact() -> None:
+    """Without edits nothing approximate is used: each version is served from the plain
+    namespace, and the next one finds it there as an exact prefix."""
+    w = World()
+    _base(w, SYS + A)
+    v2 = SYS + A + TURN
+    req = make_req("r2", v2, _payload(2, 1, []))
+    w.serve(req)
+    info = _info(req)
+    assert info["tokens"]["exact"] == len(SYS + A) and info["exact_kv"] is True
+    assert info["tokens"]["recomputed"] == len(TURN)
+    plain = make_req("p", v2, None)  # a request without payload shares that KV
+    plain.init_next_round_input(w.cache)
+    assert len(plain.prefix_indices) == len(v2) - 1
+    w.cache.dec_lock_ref(plain.last_node)
+    w.assert_no_leak()
+
+
+def test_a_spliced_prefix_is_inherited_by_the_next_request_not_exact() -> None:
+    w = World()
+    _base(w, SYS + A + B)
+    v2 = SYS + A_SHORT + B + TURN
+    w.serve(make_req("r2", v2, _payload(2, 1, ["amortize"])))
+    v3 = v2 + _toks(21, 30)
+    req = make_req("r3", v3, _payload(3, 2, []))
+    w.prefilled = 0
+    w.serve(req)
+    info = _info(req)
+    t = info["tokens"]
+    assert t["exact"] <= len(SYS)  # what the edit left of the exact base
+    assert t["inherited"] == len(v2) - t["exact"] > 0  # v2's window, splice and turn
+    assert t["spliced"] == t["chunk_reused"] == 0 and t["recomputed"] == 30 == w.prefilled
+    assert t["approximate"] == t["inherited"] and info["exact_kv"] is False
+    # The inherited KV stays out of reach of requests that did not opt in.
+    for payload in (None, {**_payload(4, 3, []), "approximate": False}):
+        other = make_req("o", v3, payload)
+        other.init_next_round_input(w.cache)
+        assert len(other.prefix_indices) == t["exact"] and other.customized_info is None
+        w.cache.dec_lock_ref(other.last_node)
+    w.assert_fresh_prefill_kv(v3)
+    w.assert_no_leak()
+
+
+@pytest.mark.parametrize(
+    ("mode", "session"), [("amortize", "s"), ("forget", "s"), ("forget", "unknown")]
+)
+def test_forget_uses_no_chunk_from_the_content_index(mode, session) -> None:
+    """The replacement holds content another request left in the content index: AMORTIZE may
+    copy its chunks; FORGET asks for exact KV after its edit, so nothing is copied, even when
+    the server has no base to locate the edit in (``unknown``: the directive is ignored)."""
+    w = World()
+    donor = _toks(12, 1200)
+    w.serve(make_req("donor", donor, None))  # indexed for content reuse
+    _base(w, SYS + A + B)
+    new = SYS + A_SHORT + donor + B + TURN
+    req = make_req("r2", new, {**_payload(2, 1, [mode]), "session": session})
+    w.prefilled = 0
+    w.serve(req)
+    info = _info(req)
+    t = info["tokens"]
+    status = info["directives"][0]["status"]
+    assert status == ("applied" if session == "s" else "ignored")
+    if mode == "amortize":
+        assert t["chunk_reused"] > len(donor) // 2 and t["spliced"] == len(B)
+    else:
+        assert t["chunk_reused"] == t["spliced"] == t["inherited"] == 0
+        assert t["exact"] == len(SYS) and info["exact_kv"] is True
+        assert w.prefilled == len(new) - len(SYS) == t["recomputed"]
+    w.assert_fresh_prefill_kv(new, tol=1e-3)  # rotated copies up to ~1,600 rad
+    w.assert_no_leak()
+
+
+def test_a_retried_edit_is_not_needed_not_ignored() -> None:
+    """The same edited request again (a client retry): the edit and everything after it are
+    already cached, so the directive is reported ``not_needed`` and nothing is copied."""
+    w = World()
+    _base(w, SYS + A + B)
+    new = SYS + A_SHORT + B + TURN
+    first = make_req("r2", new, _payload(2, 1, ["amortize"]))
+    w.serve(first)
+    assert _info(first)["directives"][0]["status"] == "applied"
+    retry = make_req("r2-retry", new, _payload(2, 1, ["amortize"]))
+    w.prefilled = 0
+    w.serve(retry)
+    info = _info(retry)
+    (outcome,) = info["directives"]
+    assert outcome["status"] == "not_needed" and outcome["spliced_tokens"] == 0
+    assert outcome["reason"]
+    t = info["tokens"]
+    assert (t["exact"], t["inherited"]) == (len(SYS), len(new) - 1 - len(SYS))
+    assert t["recomputed"] == 1 == w.prefilled  # the last prompt token, for its logits
+    w.assert_no_leak()
+
+
+@pytest.mark.parametrize("modes", [[], ["amortize"]])
+def test_accounting_follows_an_eviction_before_admission(modes) -> None:
+    """SGLang's scheduling policy matches a waiting request before admitting it; what is
+    evicted in between is prefilled, and the accounting says so."""
+    w = World()
+    _base(w, SYS + A + B)
+    new = SYS + A + B + TURN if not modes else SYS + A_SHORT + B + TURN
+    req = make_req("r2", new, _payload(2, 1, modes))
+    req.init_next_round_input(w.cache)  # the policy's lookup: planned, copies made
+    assert _info(req)["tokens"]["exact"] == (len(SYS) if modes else len(SYS + A + B))
+    w.cache.evict(EvictParams(num_tokens=10**6))  # nothing was locked yet
+    w.prefilled = 0
+    w.serve(req)
+    info = _info(req)
+    assert info["tokens"]["recomputed"] == len(new) == w.prefilled
+    if modes:
+        assert info["directives"][0]["status"] == "ignored"
+    w.assert_fresh_prefill_kv(new)
+    w.assert_no_leak()
+
+
+def test_forget_never_inherits_approximate_kv_past_its_edit() -> None:
+    """Another session already sent the same edited prompt with AMORTIZE: the approximate
+    namespace holds its spliced suffix. A FORGET request for those tokens is served from exact
+    KV only (its match there runs past the edit), and says so."""
+    w = World()
+    _base(w, SYS + A + B)
+    new = SYS + A_SHORT + B + TURN
+    w.serve(make_req("r2", new, _payload(2, 1, ["amortize"])))
+    w.serve(make_req("b2", SYS + A + B, {**_payload(1, None, []), "session": "s2"}))
+    req = make_req("f2", new, {**_payload(2, 1, ["forget"]), "session": "s2"})
+    w.prefilled = 0
+    w.serve(req)
+    info = _info(req)
+    t = info["tokens"]
+    assert info["exact_kv"] is True and t["inherited"] == t["spliced"] == 0
+    assert t["exact"] == len(SYS) and w.prefilled == len(new) - len(SYS) == t["recomputed"]
+    assert info["directives"][0]["status"] == "applied"
+    w.assert_fresh_prefill_kv(new)
+    w.assert_no_leak()
+
+
+def test_exact_counts_only_kv_seeded_from_the_plain_namespace() -> None:
+    """An approximate request's prompt replayed without approximation is cached exact in the
+    plain namespace too; a later request served in the approximate namespace still uses that
+    namespace's (spliced) KV, and counts it inherited."""
+    w = World()
+    _base(w, SYS + A + B)
+    v2 = SYS + A_SHORT + B + TURN
+    w.serve(make_req("r2", v2, _payload(2, 1, ["amortize"])))
+    w.serve(make_req("replay", v2, None))  # exact, in the plain namespace
+    v3 = SYS + A_SHORT + B[:100] + B[150:] + TURN + _toks(22, 20)
+    req = make_req("r3", v3, _payload(3, 2, ["amortize"]))
+    w.serve(req)
+    t = _info(req)["tokens"]
+    assert t["exact"] == len(SYS)  # what r2 seeded; the plain match is 100 + 20 tokens longer
+    assert t["inherited"] == len(A_SHORT) + 100 and t["spliced"] > 0
+    w.assert_no_leak()
+
+
+def test_exact_prefix_survives_a_split_of_a_seeded_node() -> None:
+    """Another session shares only the head of a seeded prefix: SGLang splits that radix node
+    (`LeylineRadixCache._split_node`), and both halves stay exact."""
+    w = World()
+    _base(w, SYS + A + B)
+    w.serve(make_req("r2", SYS + A_SHORT + B + TURN, _payload(2, 1, ["amortize"])))
+    head, a2, b2, turn2 = SYS[:30] + _toks(23, 30), _toks(24, 240), _toks(25, 300), _toks(26, 40)
+    s2 = {"session": "s2"}
+    w.serve(make_req("b2", head + a2 + b2, {**_payload(1, None, []), **s2}))
+    new = head + _toks(27, 20) + b2 + turn2
+    req = make_req("r2b", new, {**_payload(2, 1, ["amortize"]), **s2})
+    w.serve(req)
+    t = _info(req)["tokens"]
+    assert (t["exact"], t["inherited"], t["spliced"]) == (len(head), 0, len(b2))
+    w.assert_fresh_prefill_kv(new)
+    w.assert_no_leak()
