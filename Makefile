@@ -22,8 +22,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	# mypy resolves `leyline` through a link to sdk/ (the folders map onto one namespace)
-	mkdir -p build/typecheck && ln -sfn ../../sdk build/typecheck/leyline
+	# mypy resolves `leyline` through a link tree shaped like the installed package (pyproject's
+	# package-dir): a folder of links to the sdk files, plus `server` and `middleware` links.
+	# `-p leyline` takes every subpackage, so this checks the SDK, leyline.server.core,
+	# leyline.server.engine and leyline.middleware; pyproject excludes leyline.server.sglang.
+	rm -rf build/typecheck/leyline && mkdir -p build/typecheck/leyline
+	cd build/typecheck/leyline && ln -s ../../../sdk/*.py ../../../sdk/py.typed . \
+		&& ln -s ../../../server_ext server && ln -s ../../../middleware middleware
 	MYPYPATH=build/typecheck $(BIN)/mypy --config-file pyproject.toml -p leyline
 
 pytest: $(STAMP)

@@ -80,7 +80,7 @@ def make_policy(name: str) -> Policy:
 
 
 @dataclass
-class LeylineFroggyAgentArgs(FroggyAgentArgs):
+class LeylineFroggyAgentArgs(FroggyAgentArgs):  # type: ignore[misc]  # debug-gym (own venv) is Any here
     """Froggy's arguments plus the Leyline ones (a plain dataclass: debug-gym builds it from a
     config dict and puts unknown keys in ``extras``).
 
@@ -100,7 +100,7 @@ class LeylineFroggyAgentArgs(FroggyAgentArgs):
 
 
 @register_agent
-class LeylineFroggyAgent(FroggyAgent):
+class LeylineFroggyAgent(FroggyAgent):  # type: ignore[misc]  # debug-gym (own venv) is Any here
     """``FroggyAgent`` with a Leyline history policy (see the module docstring)."""
 
     name: str = "leyline_froggy"

@@ -134,7 +134,7 @@ def _forget_in_range(forget: Collection[int], n: int) -> list[int]:
     return sorted(i for i in forget if 0 <= i < n)
 
 
-class LeylineOpenAILLM(OpenAILLM):
+class LeylineOpenAILLM(OpenAILLM):  # type: ignore[misc]  # debug-gym (own venv) is Any here
     """debug-gym's ``OpenAILLM`` with a Leyline session and per-request accounting.
 
     One instance is one episode (one session). Build one with :meth:`from_endpoint`.

@@ -330,7 +330,8 @@ def _allowed(slots: np.ndarray, forbidden: np.ndarray | None) -> np.ndarray | bo
     if forbidden is None or not forbidden.size:
         return True
     at = np.minimum(np.searchsorted(forbidden, slots), forbidden.size - 1)
-    return forbidden[at] != slots
+    allowed: np.ndarray = forbidden[at] != slots  # numpy types array comparisons as Any
+    return allowed
 
 
 def _apply_moved(

@@ -26,14 +26,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import CacheLayerMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from leyline.server.core.layout import KVLayout
 from leyline.server.engine.model import LoadedModel
+from leyline.server.engine.store import KVStore
 
 
 @dataclass
 class KVPool:
-    """Per-layer KV tensors in SGLang's pool layout (slot 0 reserved); ``v`` is None for MLA."""
+    """Per-layer KV tensors in SGLang's pool layout (slot 0 reserved); ``v`` is None for MLA.
+
+    The forward also runs over the engine's :class:`KVStore`, which holds the same ``k``/``v``.
+    """
 
     k: list[Tensor]
     v: list[Tensor] | None
@@ -78,7 +84,9 @@ class Generation:
         logits = gen.extend(next_id, next_pos, next_slot)  # one decode step: (1, vocab)
     """
 
-    def __init__(self, loaded: LoadedModel, pool: KVPool, *, cached_slots: Tensor) -> None:
+    def __init__(
+        self, loaded: LoadedModel, pool: KVPool | KVStore, *, cached_slots: Tensor
+    ) -> None:
         self.loaded = loaded
         self.pool = pool
         self.cache = _gather(loaded, pool, _as_index(cached_slots, "cached_slots", loaded))
@@ -104,7 +112,7 @@ class Generation:
         if int(positions.max()) >= self.loaded.max_positions or int(positions.min()) < 0:
             raise ValueError(f"positions must lie in [0, {self.loaded.max_positions})")
         with torch.inference_mode():
-            out = self.loaded.model(
+            out: CausalLMOutputWithPast = self.loaded.model(
                 input_ids=ids[None],
                 position_ids=positions[None],
                 cache=self.cache,
@@ -113,6 +121,7 @@ class Generation:
             )
         _scatter(self.loaded, self.pool, self.cache, self.length, slots)
         self.length += n
+        assert out.logits is not None  # causal LM outputs always carry logits
         return out.logits[0].float()
 
     def decode(self, token: int, position: int, slot: int) -> Tensor:
@@ -127,7 +136,7 @@ class Generation:
 
 def prefill(
     loaded: LoadedModel,
-    pool: KVPool,
+    pool: KVPool | KVStore,
     *,
     cached_slots: Tensor,
     ids: Tensor,
@@ -185,7 +194,7 @@ def _interleave(rows: Tensor) -> Tensor:
     return torch.stack((rows[..., :half], rows[..., half:]), dim=-1).flatten(-2)
 
 
-def _gather(loaded: LoadedModel, pool: KVPool, slots: Tensor) -> DynamicCache:
+def _gather(loaded: LoadedModel, pool: KVPool | KVStore, slots: Tensor) -> DynamicCache:
     config = loaded.model.config
     layout = loaded.layout
     if slots.numel() == 0:
@@ -208,12 +217,13 @@ def _gather(loaded: LoadedModel, pool: KVPool, slots: Tensor) -> DynamicCache:
 
 
 def _scatter(
-    loaded: LoadedModel, pool: KVPool, cache: DynamicCache, start: int, slots: Tensor
+    loaded: LoadedModel, pool: KVPool | KVStore, cache: DynamicCache, start: int, slots: Tensor
 ) -> None:
     layout = loaded.layout
     for layer in range(layout.num_layers):
-        keys = cache.layers[layer].keys
-        values = cache.layers[layer].values
+        layer_cache = cache.layers[layer]
+        assert isinstance(layer_cache, CacheLayerMixin)  # attention layers only (see kv_layout)
+        keys, values = layer_cache.keys, layer_cache.values
         assert keys is not None and values is not None
         new_k, new_v = keys[0, :, start:], values[0, :, start:]  # (heads, n, dim)
         target = pool.k[layer]

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from transformers import (
@@ -53,6 +54,27 @@ _TINY_SEED = 1234
 # plain per-layer K/V caches (MHA/GQA) and DeepSeek-V3's latent cache (MLA).
 _MHA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _MLA_TYPES = ("deepseek_v3",)
+
+
+class _SpecialTokens(TypedDict):
+    """The tokenizer's special token ids, as config keyword arguments."""
+
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+
+class _TinyShape(_SpecialTokens):
+    """Config keyword arguments shared by the tiny test models."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int
+    initializer_range: float
+    tie_word_embeddings: bool
 
 
 @dataclass(frozen=True)
@@ -122,7 +144,8 @@ def load_model(
             f"unknown model {name!r}: use one of {', '.join(BUILTIN_MODELS)} "
             "or the path of a local Hugging Face model directory"
         )
-    model = model.to(device=device, dtype=torch_dtype).eval()
+    # transformers wraps `to` in functools.wraps, which mypy reads as a call missing `self`.
+    model = model.to(device=device, dtype=torch_dtype).eval()  # type: ignore[call-arg]
     model.requires_grad_(False)
     config = model.config
     return LoadedModel(
@@ -224,7 +247,9 @@ def _converted_smollm2(root: Path) -> Path:
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
         # The weights are dequantized fp32 now; drop the GGUF quantizer so the model serializes.
-        model.hf_quantizer = None
+        # transformers sets `hf_quantizer` dynamically, so mypy types it as nn.Module's
+        # __setattr__ value (Tensor | Module).
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(build_dir)
@@ -259,7 +284,7 @@ def _smollm2_tokenizer(root: Path) -> PreTrainedTokenizerBase:
 
 
 def _build_tiny(name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    common = {
+    common: _TinyShape = {
         "vocab_size": len(tokenizer),
         "hidden_size": 64,
         "intermediate_size": 96,
@@ -383,7 +408,7 @@ def _build_random(
     return _seeded(model_cls, config, device=device, dtype=dtype)
 
 
-def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> _SpecialTokens:
     return {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,

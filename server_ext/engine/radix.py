@@ -92,7 +92,7 @@ class RadixTree:
     """
 
     def __init__(
-        self, store: KVStore, *, on_evict: Callable[[np.ndarray], None] | None = None
+        self, store: KVStore, *, on_evict: Callable[[np.ndarray], object] | None = None
     ) -> None:
         self.store = store
         self.on_evict = on_evict

@@ -10,6 +10,7 @@ O(n) in the number of slots moved. A boolean ``in use`` mask catches double free
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from leyline.server.core.layout import KVLayout
@@ -75,7 +76,7 @@ class KVStore:
         # hands out 1, 2, 3, ... (contiguous slots make debugging dumps readable).
         self._stack = np.arange(self._capacity, 0, -1, dtype=np.int64)
         self._top = self._capacity
-        self._in_use = np.zeros(rows, dtype=bool)
+        self._in_use: npt.NDArray[np.bool_] = np.zeros(rows, dtype=np.bool_)
 
     @property
     def capacity(self) -> int:
@@ -99,7 +100,7 @@ class KVStore:
         """Fraction of slots in use, in ``[0, 1]``."""
         return self.num_used / self._capacity
 
-    def alloc(self, n: int) -> np.ndarray:
+    def alloc(self, n: int) -> npt.NDArray[np.int64]:
         """Take ``n`` free slots; returns them as an int64 array (length ``n``).
 
         Raises :class:`OutOfSlots` (store unchanged) when fewer than ``n`` are free.
@@ -132,14 +133,14 @@ class KVStore:
         self._stack[self._top : self._top + arr.size] = arr[::-1]
         self._top += arr.size
 
-    def is_allocated(self, slots: np.ndarray | list[int] | torch.Tensor) -> np.ndarray:
+    def is_allocated(self, slots: np.ndarray | list[int] | torch.Tensor) -> npt.NDArray[np.bool_]:
         """Boolean mask: which of ``slots`` are currently allocated (ids must be in range)."""
         arr = _as_slot_array(slots)
         if arr.size and (arr.min() < 0 or arr.max() > self._capacity):
             raise ValueError(f"slot ids must lie in [0, {self._capacity}]")
         return self._in_use[arr].copy()
 
-    def _check_slots(self, slots: np.ndarray | list[int] | torch.Tensor) -> np.ndarray:
+    def _check_slots(self, slots: np.ndarray | list[int] | torch.Tensor) -> npt.NDArray[np.int64]:
         arr = _as_slot_array(slots)
         if arr.size == 0:
             return arr
@@ -160,7 +161,7 @@ class KVStore:
         )
 
 
-def _as_slot_array(slots: np.ndarray | list[int] | torch.Tensor) -> np.ndarray:
+def _as_slot_array(slots: np.ndarray | list[int] | torch.Tensor) -> npt.NDArray[np.int64]:
     if isinstance(slots, torch.Tensor):
         slots = slots.detach().cpu().numpy()
     arr = np.asarray(slots)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,12 +101,16 @@ def tokenize_chat(
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
     native_tools = "tools" in template
     native_calls = "tool_calls" in template
+    # apply_chat_template takes an invariant list[dict | Callable], so pass a widened copy.
+    template_tools: list[dict[str, Any] | Callable[..., Any]] | None = (
+        list(tools) if tools is not None and native_tools else None
+    )
 
     def render(texts: list[str], with_prompt: bool) -> str:
         conversation = _conversation(messages, texts, contents, tools, native_tools, native_calls)
         rendered = tokenizer.apply_chat_template(
             conversation,
-            tools=tools if native_tools else None,
+            tools=template_tools,
             tokenize=False,
             add_generation_prompt=with_prompt,
         )

@@ -295,7 +295,7 @@ def _build_pointers(k: Sequence[Tensor], v: Sequence[Tensor] | None) -> KVPointe
 
 
 def _pow2(x: int) -> int:
-    return triton.next_power_of_2(max(x, 1))
+    return int(triton.next_power_of_2(max(x, 1)))
 
 
 def splice_kv_triton(
