@@ -21,6 +21,7 @@ True
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -50,8 +51,9 @@ SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _HASH = re.compile(r"^[0-9a-f]{16}$")
 _FIELDS = frozenset(
     {"protocol", "session", "version", "base_version", "segments", "directives",
-     "content_reuse", "approximate"}
+     "content_reuse", "approximate", "mode"}
 )  # fmt: skip
+_SEGMENT_FIELDS = ("version", "base_version", "segments", "directives")
 
 
 class Status(StrEnum):
@@ -65,15 +67,31 @@ class Status(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Payload:
-    """One request's Leyline payload (docs/protocol.md, "Request")."""
+    """One request's Leyline payload (docs/protocol.md, "Request").
+
+    Two forms. The *segment* payload (``version`` set) carries the client's segments and
+    directives. The *server-diff* payload (``mode`` set, no version, segments or directives)
+    only names the session and the mode of every edit: the server diffs the session's last
+    token sequence against the request's tokens itself and assigns the versions.
+    """
 
     session: str
-    version: int
+    version: int | None = None
     base_version: int | None = None
     segments: tuple[tuple[str, int], ...] = ()
     directives: tuple[Directive, ...] = ()
     content_reuse: bool = True
     approximate: bool = True
+    mode: Mode | None = None
+
+    def __post_init__(self) -> None:
+        if (self.mode is None) == (self.version is None):
+            raise PayloadError("a payload has either a version (segment payload) or a mode "
+                               "(server-diff payload)", param=PAYLOAD_KEY)  # fmt: skip
+
+    @property
+    def server_diff(self) -> bool:
+        return self.mode is not None
 
     @property
     def modes(self) -> tuple[Mode, ...]:
@@ -81,10 +99,14 @@ class Payload:
 
     @property
     def forgets(self) -> bool:
-        """Whether any directive is FORGET: nothing at or after an edit may be reused."""
-        return Mode.FORGET in self.modes
+        """Whether any edit is FORGET: nothing at or after an edit may be reused."""
+        return Mode.FORGET in self.modes or self.mode is Mode.FORGET
 
     def to_wire(self) -> dict[str, Any]:
+        flags = {"content_reuse": self.content_reuse, "approximate": self.approximate}
+        if self.mode is not None:
+            return {"protocol": PROTOCOL_VERSION, "session": self.session,
+                    "mode": self.mode.value, **flags}  # fmt: skip
         return {
             "protocol": PROTOCOL_VERSION,
             "session": self.session,
@@ -92,8 +114,7 @@ class Payload:
             "base_version": self.base_version,
             "segments": [[h, n] for h, n in self.segments],
             "directives": [d.to_wire() for d in self.directives],
-            "content_reuse": self.content_reuse,
-            "approximate": self.approximate,
+            **flags,
         }
 
     def to_custom_params(self) -> dict[str, str]:
@@ -105,8 +126,11 @@ class Payload:
         return {"custom_params": self.to_custom_params()}
 
     @classmethod
-    def from_wire(cls, obj: Any, *, where: str = PAYLOAD_KEY) -> Payload:
-        """Validate one payload object; raises :class:`PayloadError` naming the field."""
+    def from_wire(
+        cls, obj: Any, *, where: str = PAYLOAD_KEY, session: str | None = None
+    ) -> Payload:
+        """Validate one payload object; raises :class:`PayloadError` naming the field.
+        ``session`` is the fallback session key (OpenAI's ``prompt_cache_key``)."""
         if not isinstance(obj, Mapping):
             raise PayloadError(f"{where} must be a JSON object", param=where)
         unknown = sorted(set(obj) - _FIELDS)
@@ -119,11 +143,36 @@ class Payload:
                 f"{PROTOCOL_VERSION})",
                 param=f"{where}.protocol", code="unsupported_protocol",
             )  # fmt: skip
-        session = obj.get("session")
-        if not isinstance(session, str) or not SESSION_ID.match(session):
+        sid = obj.get("session", session)
+        if not isinstance(sid, str) or not SESSION_ID.match(sid):
             raise PayloadError(
-                f"{where}.session must be 1-128 characters of [A-Za-z0-9._:-], got {session!r}",
+                f"{where}.session must be 1-128 characters of [A-Za-z0-9._:-], got {sid!r}",
                 param=f"{where}.session",
+            )
+        flags: dict[str, Any] = {}
+        for name in ("content_reuse", "approximate"):
+            value = obj.get(name, True)
+            if not isinstance(value, bool):
+                raise PayloadError(f"{where}.{name} must be true or false", param=f"{where}.{name}")
+            flags[name] = value
+        if "mode" in obj:
+            mode = obj["mode"]
+            if mode not in tuple(Mode):
+                raise PayloadError(
+                    f"{where}.mode must be 'amortize' or 'forget', got {mode!r}",
+                    param=f"{where}.mode",
+                )
+            extra = [f for f in _SEGMENT_FIELDS if f in obj]
+            if extra:
+                raise PayloadError(
+                    f"{where} is a server-diff payload (it has a mode): drop {extra}",
+                    param=f"{where}.{extra[0]}",
+                )
+            return cls(sid, mode=Mode(mode), **flags)
+        if "version" not in obj:
+            raise PayloadError(
+                f"{where} needs a version (segment payload) or a mode (server-diff payload)",
+                param=where,
             )
         version = _int(obj, "version", where, required=True, low=1)
         assert version is not None
@@ -148,16 +197,12 @@ class Payload:
                 f"{where}.directives need a base_version (the version they edit)",
                 param=f"{where}.base_version", code="invalid_directive",
             )  # fmt: skip
-        flags = {}
-        for name in ("content_reuse", "approximate"):
-            value = obj.get(name, True)
-            if not isinstance(value, bool):
-                raise PayloadError(f"{where}.{name} must be true or false", param=f"{where}.{name}")
-            flags[name] = value
-        return cls(session, version, base_version, segments, directives, **flags)
+        return cls(sid, version, base_version, segments, directives, **flags)
 
     @classmethod
-    def from_custom_params(cls, custom_params: Any) -> Payload | None:
+    def from_custom_params(
+        cls, custom_params: Any, *, session: str | None = None
+    ) -> Payload | None:
         """The payload in a request's ``custom_params`` (None when it carries none)."""
         if custom_params is None:
             return None
@@ -172,19 +217,26 @@ class Payload:
                 raw = json.loads(raw)
             except (json.JSONDecodeError, RecursionError) as exc:
                 raise PayloadError(f"{where} is not valid JSON: {exc}", param=where) from exc
-        return cls.from_wire(raw, where=where)
+        return cls.from_wire(raw, where=where, session=session)
 
     @classmethod
     def from_request(cls, body: Mapping[str, Any]) -> Payload | None:
-        """The payload of a chat/completions request body, from either carrier."""
+        """The payload of a chat/completions request body, from either carrier. OpenAI's
+        ``prompt_cache_key`` names the session when the payload does not; a request with a
+        ``prompt_cache_key`` and no payload gets the exact server-diff payload (FORGET: the
+        session's cache is kept for it, nothing approximate is served)."""
+        key = body.get("prompt_cache_key")
+        session = _session_key(key) if isinstance(key, str) and key else None
         top = body.get(PAYLOAD_KEY)
-        custom = cls.from_custom_params(body.get("custom_params"))
+        custom = cls.from_custom_params(body.get("custom_params"), session=session)
+        if top is None and custom is None and session is not None:
+            return cls(session, mode=Mode.FORGET)
         if top is not None and custom is not None:
             raise PayloadError(
                 "send the payload once: as custom_params.leyline or as leyline, not both",
                 param=PAYLOAD_KEY,
             )
-        return custom if top is None else cls.from_wire(top)
+        return custom if top is None else cls.from_wire(top, session=session)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +360,13 @@ class ResponseInfo:
 def ignored_all(count: int, reason: str) -> tuple[DirectiveOutcome, ...]:
     """Every one of ``count`` directives ignored for one ``reason``."""
     return tuple(DirectiveOutcome(i, Status.IGNORED, reason, 0) for i in range(count))
+
+
+def _session_key(key: str) -> str:
+    """A session id for an OpenAI ``prompt_cache_key`` (kept when it already is a valid id)."""
+    if SESSION_ID.match(key):
+        return key
+    return "pck-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def _int(obj: Mapping[str, Any], name: str, where: str, *, required: bool, low: int) -> int | None:

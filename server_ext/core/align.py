@@ -1,8 +1,9 @@
-"""Map a request's client directives to token spans by diffing token sequences.
+"""Find a request's edits by diffing token sequences (the server-side diff).
 
 In SGLang the request arrives already tokenized with SGLang's own chat template, so the plugin
-cannot tokenize segment by segment. It aligns the session's previous token sequence (the base)
-with the request's tokens instead: every edit region inside the base *prompt* is one edit;
+cannot tokenize segment by segment; and a server-diff payload (docs/protocol.md) carries no
+segments at all (both servers). Either way the session's previous token sequence (the base) is
+aligned with the request's tokens: every edit region inside the base *prompt* is one edit;
 regions closer than ``merge_gap`` tokens merge (a truncation that keeps a head shares tokens
 with the original). The region at the prompt's end (the base's generation prompt and output
 against the history the client rendered) is the turn boundary, not a client edit. Edits pair
@@ -23,6 +24,7 @@ that no unique anchor frames is reported as one larger edit (less reuse, never w
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,7 +51,7 @@ class TokenEdit:
 def _ids(x: Sequence[int] | np.ndarray) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x.astype(np.int64, copy=False)
-    if isinstance(x, memoryview | bytes) or getattr(x, "typecode", None) == "q":
+    if isinstance(x, array) and x.typecode == "q":
         return np.frombuffer(x, dtype=np.int64)  # array("q"): no per-token boxing
     return np.asarray(x, dtype=np.int64)
 
@@ -61,7 +63,8 @@ def _kgram_hashes(x: np.ndarray, k: int) -> np.ndarray:
     h = w[:, 0] * mult[0]
     for c in range(1, k):  # k column passes (k <= 32), each vectorised over all windows
         h += w[:, c] * mult[c]
-    return h
+    out: np.ndarray = h
+    return out
 
 
 def _anchor_runs(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
@@ -202,8 +205,10 @@ def align_edits(
     modes: Sequence[str],
     *,
     merge_gap: int = 16,
+    default: str | None = None,
 ) -> Alignment:
-    """Token edits of ``base`` -> ``new`` carrying the client's modes.
+    """Token edits of ``base`` -> ``new`` carrying the client's modes, or every edit carrying
+    ``default`` when there are no client directives (a server-diff payload).
 
     Regions that end within ``merge_gap`` tokens of the base prompt's end, or later, are the
     turn boundary (the base's generation prompt and output against the history the client
@@ -211,10 +216,12 @@ def align_edits(
     When the region count differs from the directive count and the modes are mixed, every
     region is served as FORGET (exact; costs speed, never leaks edited-away content).
     """
-    if not modes:
+    if not modes and default is None:
         return Alignment((), True, None)
     last = base_prompt_len - merge_gap  # regions ending later are the turn boundary
     regions = [r for r in edit_regions(base, new, merge_gap) if r[1] <= last]
+    if default is not None and not modes:
+        return Alignment(tuple(TokenEdit(*r, default) for r in regions), True, None)
     if not regions:
         return Alignment(
             (), False, "the request's tokens show no edit inside the base prompt before its end"

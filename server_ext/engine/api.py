@@ -194,10 +194,10 @@ def create_app(engine: Engine, *, model_name: str, max_request_bytes: int) -> Fa
             raise APIError(404, str(exc), code="unknown_session") from exc
 
     def payload(req: ChatCompletionRequest) -> Payload | None:
+        body = {"leyline": req.leyline, "custom_params": req.custom_params,
+                "prompt_cache_key": req.prompt_cache_key}  # fmt: skip
         try:
-            return Payload.from_request(
-                {"leyline": req.leyline, "custom_params": req.custom_params}
-            )
+            return Payload.from_request(body)
         except PayloadError as exc:
             raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
 
@@ -280,7 +280,11 @@ def create_app(engine: Engine, *, model_name: str, max_request_bytes: int) -> Fa
     ) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
-        work.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        def on_text(text: str) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        work.on_text = on_text
         head = {
             "id": rid,
             "object": "chat.completion.chunk",

@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from leyline.directives import validate_directives
+from leyline.directives import Mode, validate_directives
 from leyline.errors import DirectiveError
 from leyline.protocol import DirectiveOutcome, Payload, TokenCounts, ignored_all
+from leyline.server.core.align import align_edits
 from leyline.server.core.chunking import chunk_spans
 from leyline.server.core.index import ContentIndex
 from leyline.server.core.kernels.splice import kv_pointers, splice_kv
-from leyline.server.core.planner import CachedSequence, Plan, TokenDirective, build_plan
+from leyline.server.core.planner import CachedSequence, Plan, Run, TokenDirective, build_plan
 from leyline.server.engine.forward import Generation, sample_next
 from leyline.server.engine.model import LoadedModel
 from leyline.server.engine.protocol import APIError
@@ -250,8 +251,14 @@ class Engine:
         notes: list[str] = []
         state = None
         approx_ok = False
+        if payload is not None and payload.server_diff and not self._has_room(payload):
+            notes.append("no room for another session: served without one")
+            payload = work.leyline = None
+        version = None
         if payload is not None:
             state = self._begin_session(payload)
+            # a server-diff payload leaves the versions to the server
+            version = payload.version if payload.version is not None else state.version + 1
             approx_ok = payload.approximate and self.inv_freq is not None
             if payload.approximate and self.inv_freq is None:
                 notes.append(f"approximate reuse is off: {self.rope_note}")
@@ -291,7 +298,7 @@ class Engine:
                 work, logits, generation, ids, slots, held, ttft_holder
             )
             approx_from = _approx_from(plan, match)
-            self._commit(work, state, ids, gen_ids, slots, approx_from, held)
+            self._commit(work, state, version, ids, gen_ids, slots, approx_from, held)
         except BaseException:
             self._release(held)
             raise
@@ -326,17 +333,23 @@ class Engine:
             timings_ms=_phases(marks, work.submitted_at, ttft_holder),
             latency_s=now - t0,
             session=state.id if state is not None else None,
-            version=payload.version if payload is not None else None,
+            version=version,
         )
 
+    def _has_room(self, payload: Payload) -> bool:
+        return payload.session in self.sessions or len(self.sessions) < self.max_sessions
+
     def _begin_session(self, payload: Payload) -> Any:
-        if payload.session not in self.sessions and len(self.sessions) >= self.max_sessions:
+        if not self._has_room(payload):
             raise APIError(429, "too many open sessions", code="too_many_sessions")
         state = self.sessions.open(payload.session)
         if state.busy:
             raise APIError(
                 409, f"session {payload.session!r} has a request in flight", code="session_busy"
             )
+        if payload.version is None:  # server-diff: the server is the source of truth
+            state.busy = True
+            return state
         if payload.version <= state.version:
             raise APIError(
                 400,
@@ -360,7 +373,8 @@ class Engine:
     ) -> tuple[
         list[TokenDirective], tuple[DirectiveOutcome, ...], tuple[CachedSequence, Any] | None
     ]:
-        """Segment directives -> token directives over the session's last served sequence."""
+        """Segment directives -> token directives over the session's last served sequence (or,
+        for a server-diff payload, the token diff of that sequence against the request)."""
         payload = work.leyline
         if payload is None or state is None or state.node is None:
             if payload is not None and payload.directives:
@@ -372,6 +386,12 @@ class Engine:
             CachedSequence(tokens=state.tokens[: base_match.length], slots=base_match.slots),
             base_match.node,
         )
+        if payload.mode is not None:
+            return (
+                self._diff_directives(work, state, payload.mode, base_match.length, notes),
+                (),
+                base,
+            )
         if not payload.directives:
             return [], (), base
         client_hashes = tuple(h for h, _ in payload.segments)
@@ -398,6 +418,19 @@ class Engine:
         if base_match.length < len(state.tokens):
             notes.append("part of the session's base was evicted; directives cover what remains")
         return out, (), base
+
+    def _diff_directives(
+        self, work: Work, state: Any, mode: Mode, cached: int, notes: list[str]
+    ) -> list[TokenDirective]:
+        """Every edit the token diff finds inside the base prompt, in ``mode``."""
+        al = align_edits(state.tokens, state.prompt_len, work.ids, (), default=mode.value)
+        edits = [e for e in al.edits if e.end <= cached]
+        if len(edits) < len(al.edits):
+            notes.append("part of the session's base was evicted; edits cover what remains")
+        return [
+            TokenDirective(e.start, e.end, work.ids[e.new_start : e.new_end].copy(), mode)
+            for e in edits
+        ]
 
     def _alloc(self, n: int, held: _Held) -> np.ndarray:
         if n == 0:
@@ -431,6 +464,7 @@ class Engine:
             if not st.busy and st.node is not None
         ]
         for state in sorted(idle, key=lambda st: st.expires_at):
+            assert state.node is not None  # filtered above
             self.tree.unlock(state.node)
             state.node = None
             self.counters["evicted_tokens"] += self.tree.evict(n - self.store.num_free)
@@ -447,17 +481,18 @@ class Engine:
         cursor = 0
         for run in plan.runs:
             if run.kind == "exact":
+                assert run.src_slots is not None  # the planner gives every copy run sources
                 slots[run.start : run.end] = run.src_slots
                 continue
             width = run.end - run.start
             slots[run.start : run.end] = fresh[cursor : cursor + width]
             cursor += width
-        copies = [r for r in plan.runs if r.kind in ("spliced", "chunk")]
+        copies = plan.copy_runs()
         if copies:
             assert self.inv_freq is not None
-            src = np.concatenate([r.src_slots for r in copies])
+            src = np.concatenate([_sources(r)[0] for r in copies])
             dst = np.concatenate([slots[r.start : r.end] for r in copies])
-            delta = np.concatenate([np.arange(r.start, r.end) - r.src_positions for r in copies])
+            delta = np.concatenate([np.arange(r.start, r.end) - _sources(r)[1] for r in copies])
             dev = self.store.k[0].device
             splice_kv(
                 self.store.k,
@@ -535,7 +570,7 @@ class Engine:
                 reason = "stop"
                 break
             out.append(token)
-            text = tokenizer.decode(out, skip_special_tokens=True)
+            text = _decode(tokenizer, out)
             stop_at = _find_stop(text, sp.stop)
             if stop_at is not None:
                 text = text[:stop_at]
@@ -557,7 +592,7 @@ class Engine:
             new_slot = self._alloc(1, held)
             logits = generation.decode(token, position, int(new_slot[0]))
             all_slots.append(new_slot)
-        text = tokenizer.decode(out, skip_special_tokens=True)
+        text = _decode(tokenizer, out)
         stop_at = _find_stop(text, sp.stop)
         if stop_at is not None:
             text = text[:stop_at]
@@ -569,6 +604,7 @@ class Engine:
         self,
         work: Work,
         state: Any,
+        version: int | None,
         ids: np.ndarray,
         gen_ids: list[int],
         slots: np.ndarray,
@@ -594,14 +630,15 @@ class Engine:
                     slots[chunk.start : chunk.end],
                     np.arange(chunk.start, chunk.end),
                 )
-        if state is not None and work.leyline is not None:
+        if state is not None and version is not None:
             self.sessions.update(
                 state.id,
-                version=work.leyline.version,
+                version=version,
                 tokens=served,
                 node=node,
                 spans=work.segment_spans if work.aligned else (),
                 hashes=work.segment_hashes if work.aligned else (),
+                prompt_len=len(ids),
             )
 
     # ------------------------------------------------------------------ resources
@@ -643,6 +680,18 @@ def _approx_from(plan: Plan, match: Match) -> int | None:
         if run.kind in ("spliced", "chunk"):
             return run.start
     return None
+
+
+def _sources(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """Donor slots and positions of a copy run (the planner always sets both)."""
+    assert run.src_slots is not None and run.src_positions is not None
+    return run.src_slots, run.src_positions
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert isinstance(text, str)  # one sequence in, one string out
+    return text
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -85,6 +85,7 @@ class ChatCompletionRequest(SamplingFields):
     # custom_params.leyline (a JSON string, what the SDK sends) or a top-level leyline object.
     leyline: Any = None
     custom_params: Any = None
+    prompt_cache_key: str | None = None  # OpenAI's: names the session when the payload does not
 
     def message_dicts(self) -> list[dict[str, Any]]:
         return [m.model_dump(exclude_none=True) for m in self.messages]

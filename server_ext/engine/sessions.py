@@ -46,6 +46,7 @@ class SessionState:
     node: Node | None = None
     segment_spans: tuple[tuple[int, int], ...] = ()
     segment_hashes: tuple[str, ...] = ()
+    prompt_len: int = 0  # tokens of ``tokens`` that were the prompt (the rest was generated)
     expires_at: float = 0.0
     busy: bool = False
     ttl_s: float = 600.0
@@ -95,6 +96,7 @@ class SessionTable:
         node: Node,
         spans: tuple[tuple[int, int], ...] | list[tuple[int, int]],
         hashes: tuple[str, ...] | list[str],
+        prompt_len: int | None = None,
     ) -> SessionState:
         """Record a served request: the new version, sequence and segments; lock ``node``
         (which must end a prefix of ``tokens``) and unlock the previous one; refresh the TTL.
@@ -137,6 +139,7 @@ class SessionTable:
         state.node = node
         state.segment_spans = spans_t
         state.segment_hashes = hashes_t
+        state.prompt_len = len(toks) if prompt_len is None else min(int(prompt_len), len(toks))
         state.expires_at = self._clock() + state.ttl_s
         return state
 

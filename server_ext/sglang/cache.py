@@ -50,8 +50,8 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from leyline.errors import PayloadError
 from leyline.protocol import Payload
+from leyline.server.core.align import align_edits, moved_spans
 from leyline.server.core.index import ContentIndex
-from leyline.server.sglang.align import align_edits, moved_spans
 from leyline.server.sglang.pool import PoolBinding, PoolSplicer
 from leyline.server.sglang.request_state import RequestState
 from leyline.server.sglang.windows import WINDOW_ATTR, Step, next_step
@@ -127,6 +127,11 @@ class _Sessions:
 
     def get(self, session: str, version: int) -> tuple[np.ndarray, int] | None:
         return self._by_id.get(session, {}).get(version)
+
+    def latest(self, session: str) -> int | None:
+        """The session's newest recorded version (a server-diff payload edits it)."""
+        versions = self._by_id.get(session)
+        return max(versions) if versions else None
 
     def drop(self, session: str) -> bool:
         return self._by_id.pop(session, None) is not None
@@ -282,6 +287,7 @@ class LeylineRadixCache(RadixCache):
         raw = key.raw_token_ids()
         tokens = _ids(raw) if len(key) else np.zeros(0, np.int64)
         state = RequestState(payload, prompt_len=len(req.origin_input_ids), t0=t0)
+        state.version, state.base_version = self._versions(payload)
         setattr(req, _STATE_ATTR, state)
         n_plain, n_ns = len(plain.device_indices), len(res.device_indices)
         if self.binding is not None and len(tokens):
@@ -319,7 +325,8 @@ class LeylineRadixCache(RadixCache):
         state.time("match", t0)
         state.publish(req)
         full = req.origin_input_ids + req.output_ids
-        self.sessions.record(payload.session, payload.version, full, len(req.origin_input_ids))
+        assert state.version is not None
+        self.sessions.record(payload.session, state.version, full, len(req.origin_input_ids))
         return res
 
     def cache_unfinished_req(self, req: Any, chunked: bool = False) -> None:
@@ -369,9 +376,9 @@ class LeylineRadixCache(RadixCache):
         payload = getattr(req, _PAYLOAD_ATTR, None)
         tokens = (req.origin_input_ids + req.output_ids)[:kv_len_to_handle]
         if isinstance(payload, Payload):
-            self.sessions.record(
-                payload.session, payload.version, tokens, len(req.origin_input_ids)
-            )
+            version = state.version if state is not None else self._versions(payload)[0]
+            assert version is not None
+            self.sessions.record(payload.session, version, tokens, len(req.origin_input_ids))
         if self.leyline_config.content_reuse and is_insert and self.binding is not None:
             key = RadixKey(tokens, req.extra_key)
             slots = super().match_prefix(MatchPrefixParams(key=key)).device_indices
@@ -405,6 +412,14 @@ class LeylineRadixCache(RadixCache):
             payload = None
         setattr(req, _PAYLOAD_ATTR, payload)
         return payload
+
+    def _versions(self, payload: Payload) -> tuple[int | None, int | None]:
+        """(version, base version) of a request: the payload's, or for a server-diff payload
+        the session's next version and its latest recorded one."""
+        if not payload.server_diff:
+            return payload.version, payload.base_version
+        latest = self.sessions.latest(payload.session)
+        return (latest or 0) + 1, latest
 
     def _seed(
         self,
@@ -484,11 +499,11 @@ class LeylineRadixCache(RadixCache):
         from leyline.server.core.planner import Mode, TokenDirective
 
         payload = state.payload
-        if payload.base_version is None:
+        if state.base_version is None:
             return
-        base = self.sessions.get(payload.session, payload.base_version)
+        base = self.sessions.get(payload.session, state.base_version)
         if base is None:
-            why = f"session {payload.session!r} has no cached base version {payload.base_version}"
+            why = f"session {payload.session!r} has no cached base version {state.base_version}"
             state.base_missing = why
             if payload.directives:
                 state.note(f"{why} (evicted or never served here): directives ignored")
@@ -496,7 +511,10 @@ class LeylineRadixCache(RadixCache):
         b_tokens, b_prompt = base
         state.base_tokens = b_tokens  # kept: the session may record newer versions meanwhile
         cfg = self.leyline_config
-        al = align_edits(b_tokens, b_prompt, tokens, payload.modes, merge_gap=cfg.merge_gap)
+        default = payload.mode.value if payload.mode is not None else None
+        al = align_edits(
+            b_tokens, b_prompt, tokens, payload.modes, merge_gap=cfg.merge_gap, default=default
+        )
         state.alignment = al
         if al.reason is not None:
             state.note(al.reason)

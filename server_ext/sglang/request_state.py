@@ -27,7 +27,7 @@ from leyline.protocol import (
     TokenCounts,
     ignored_all,
 )
-from leyline.server.sglang.align import Alignment
+from leyline.server.core.align import Alignment
 
 __all__ = ["CHUNK", "SPLICED", "RequestState"]
 
@@ -49,6 +49,8 @@ class RequestState:
 
     payload: Payload
     prompt_len: int
+    version: int | None = None  # the payload's, or the server's next one (server-diff)
+    base_version: int | None = None  # the payload's, or the session's latest (server-diff)
     exact: int = 0
     inherited: int = 0
     approx: bool = False
@@ -135,7 +137,11 @@ class RequestState:
         )  # fmt: skip
 
     def directive_outcomes(self) -> tuple[DirectiveOutcome, ...]:
-        """One outcome per client directive (see docs/sglang.md, "Accounting")."""
+        """One outcome per client directive, or per edit the server's own diff found for a
+        server-diff payload (see docs/sglang.md, "Accounting")."""
+        if self.payload.server_diff:
+            al = self.alignment
+            return tuple(self._edit_outcome(j) for j in range(len(al.edits) if al else 0))
         count = len(self.payload.directives)
         if not count:
             return ()
@@ -192,7 +198,7 @@ class RequestState:
         if self.checks is not None:
             extra["splice_checks"] = self.checks
         return ResponseInfo(
-            self.payload.session, self.payload.version, self.tokens(),
+            self.payload.session, self.version, self.tokens(),
             self.directive_outcomes(), tuple(self.notes), extra,
         )  # fmt: skip
 

@@ -8,11 +8,8 @@ from array import array
 
 import numpy as np
 import pytest
-from _sglang_support import require_sglang
 
-require_sglang()
-
-from leyline.server.sglang.align import align_edits, edit_regions, moved_spans  # noqa: E402
+from leyline.server.core.align import align_edits, edit_regions, moved_spans
 
 
 def _difflib_regions(base, new, merge_gap: int = 16) -> list[tuple[int, int, int, int]]:

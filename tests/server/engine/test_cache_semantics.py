@@ -7,6 +7,7 @@ checked against Hugging Face's rotary code in tests/server/core/test_rope.py).
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -355,3 +356,48 @@ def test_edit_already_cached_exactly_is_not_needed(srv: RunningServer) -> None:
     (outcome,) = r["leyline"]["directives"]
     assert outcome["status"] == "not_needed", r["leyline"]
     assert r["leyline"]["tokens"]["spliced"] == 0 and r["leyline"]["exact_kv"] is True
+
+
+def _server_diff(
+    srv: RunningServer, messages: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    client = openai.OpenAI(base_url=srv.base_url, api_key="t", max_retries=0)
+    r = client.chat.completions.create(
+        model=srv.model,
+        messages=messages,
+        max_tokens=2,
+        temperature=0,
+        **extra,  # type: ignore[arg-type]
+    )
+    return r.model_dump()
+
+
+def test_server_diff_payload_splices_without_segments(srv: RunningServer) -> None:
+    h = _history("sdf")
+    body = {"custom_params": {"leyline": json.dumps({"session": "sdiff-1", "mode": "amortize"})}}
+    first = _server_diff(srv, h, extra_body=body)
+    assert (first["leyline"]["session"], first["leyline"]["version"]) == ("sdiff-1", 1)
+    edited = [dict(m) for m in h]
+    edited[3]["content"] = edited[3]["content"][:60] + "\n[... truncated]"
+    r = _server_diff(srv, edited, extra_body=body)
+    ley = r["leyline"]
+    assert ley["version"] == 2 and ley["tokens"]["spliced"] > 200, ley
+    assert [d["status"] for d in ley["directives"]] == ["applied"]
+    assert srv.engine.session_info("sdiff-1")["version"] == 2
+    assert_no_leaks(srv.engine)
+
+
+def test_prompt_cache_key_only_gets_an_exact_session(srv: RunningServer) -> None:
+    h = _history("pck")
+    first = _server_diff(srv, h[:6], prompt_cache_key="agent 7 / run 3")  # not a valid id
+    sid = first["leyline"]["session"]
+    assert sid.startswith("pck-") and first["leyline"]["version"] == 1
+    second = _server_diff(srv, h, prompt_cache_key="agent 7 / run 3")
+    t = second["leyline"]["tokens"]
+    assert second["leyline"]["session"] == sid and t["exact"] >= first["usage"]["prompt_tokens"] - 1
+    edited = [dict(m) for m in h]
+    edited[3]["content"] = "[cleared]"
+    third = _server_diff(srv, edited, prompt_cache_key="agent 7 / run 3")
+    # no payload: the edits are FORGET, nothing approximate is served to a plain client
+    assert third["leyline"]["exact_kv"] is True and third["leyline"]["tokens"]["spliced"] == 0
+    assert srv.engine.session_info(sid)["version"] == 3  # the session's cache is kept for it

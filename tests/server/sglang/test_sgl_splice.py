@@ -284,3 +284,21 @@ def test_base_slots_stay_on_the_host_across_unrelated_evictions() -> None:
     gone, _, _ = cache._base(state, r2.extra_key)
     assert gone is not seq and len(gone) == 0
     assert len(cache._index()) == 0 and stack.invariant(cache) == stack.size
+
+
+def test_server_diff_payload_versions_and_splices_without_segments() -> None:
+    # The minimal payload {session, mode}: the plugin diffs the session's latest version
+    # against the request's tokens itself and numbers the versions.
+    stack, _rope, cache, model = _setup("mha", torch.bfloat16)
+    base, new = _tokens()
+    diff = {"session": "sd", "mode": "amortize"}
+    r1 = make_req("r1", base, diff)
+    serve(cache, stack, r1, model.writer(lambda p: p))
+    assert json.loads(r1.customized_info["leyline"][0])["version"] == 1
+    r2 = make_req("r2", new, diff)
+    serve(cache, stack, r2, model.writer(lambda p: p + 60))
+    info = json.loads(r2.customized_info["leyline"][0])
+    assert info["version"] == 2 and info["tokens"]["spliced"] > 0, info
+    assert [d["status"] for d in info["directives"]] == ["applied"]
+    assert cache.sessions.latest("sd") == 2
+    assert stack.invariant(cache) == stack.size
