@@ -109,7 +109,9 @@ def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     return f"{loc}: {first.get('msg')}" if loc else str(first.get("msg")), loc or None
 
 
-def create_app(engine: Engine, *, model_name: str, max_request_bytes: int) -> FastAPI:
+def create_app(
+    engine: Engine, *, model_name: str, max_request_bytes: int, max_tokens_default: int = 256
+) -> FastAPI:
     """The HTTP app over a started engine."""
     app = FastAPI(title="Leyline", version="0.1.0")
     metrics = _Metrics(engine)
@@ -156,7 +158,7 @@ def create_app(engine: Engine, *, model_name: str, max_request_bytes: int) -> Fa
         except ValueError as exc:
             raise APIError(400, str(exc), param="stop", code="invalid_request") from exc
         return SamplingParams(
-            max_tokens=req.token_limit(256),
+            max_tokens=req.token_limit(max_tokens_default),
             temperature=req.temperature,
             top_p=req.top_p,
             stop=stops,

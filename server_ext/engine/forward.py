@@ -21,54 +21,14 @@ The attention mask is causal over cache order: the gathered tokens come first, i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from leyline.server.core.layout import KVLayout
 from leyline.server.engine.model import LoadedModel
 from leyline.server.engine.store import KVStore
-
-
-@dataclass
-class KVPool:
-    """Per-layer KV tensors in SGLang's pool layout (slot 0 reserved); ``v`` is None for MLA.
-
-    The forward also runs over the engine's :class:`KVStore`, which holds the same ``k``/``v``.
-    """
-
-    k: list[Tensor]
-    v: list[Tensor] | None
-
-    @classmethod
-    def allocate(
-        cls,
-        layout: KVLayout,
-        num_slots: int,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> KVPool:
-        """Zeroed pool with ``num_slots`` rows per layer (row 0 is the reserved padding slot)."""
-        if num_slots < 2:
-            raise ValueError("a pool needs the reserved slot 0 and at least one usable slot")
-        k = [
-            torch.zeros(num_slots, layout.kv_heads, layout.head_dim, dtype=dtype, device=device)
-            for _ in range(layout.num_layers)
-        ]
-        v = None
-        if layout.has_values:
-            v = [
-                torch.zeros(
-                    num_slots, layout.kv_heads, layout.v_head_dim, dtype=dtype, device=device
-                )
-                for _ in range(layout.num_layers)
-            ]
-        return cls(k=k, v=v)
 
 
 class Generation:
@@ -84,9 +44,7 @@ class Generation:
         logits = gen.extend(next_id, next_pos, next_slot)  # one decode step: (1, vocab)
     """
 
-    def __init__(
-        self, loaded: LoadedModel, pool: KVPool | KVStore, *, cached_slots: Tensor
-    ) -> None:
+    def __init__(self, loaded: LoadedModel, pool: KVStore, *, cached_slots: Tensor) -> None:
         self.loaded = loaded
         self.pool = pool
         self.cache = _gather(loaded, pool, _as_index(cached_slots, "cached_slots", loaded))
@@ -134,25 +92,6 @@ class Generation:
         return self.extend(ids, positions, slots)[0]
 
 
-def prefill(
-    loaded: LoadedModel,
-    pool: KVPool | KVStore,
-    *,
-    cached_slots: Tensor,
-    ids: Tensor,
-    positions: Tensor,
-    new_slots: Tensor,
-    logits_to_keep: int = 0,
-) -> Tensor:
-    """Prefill ``ids`` after the cached tokens at ``cached_slots``; fp32 logits ``(n, vocab)``.
-
-    ``cached_slots`` lists the cached tokens' slots in sequence order (positions 0..m-1); the
-    new tokens' KV is written at ``new_slots``. Use ``Generation`` to keep decoding after it.
-    """
-    generation = Generation(loaded, pool, cached_slots=cached_slots)
-    return generation.extend(ids, positions, new_slots, logits_to_keep=logits_to_keep)
-
-
 def sample_next(
     logits_row: Tensor,
     temperature: float,
@@ -194,7 +133,7 @@ def _interleave(rows: Tensor) -> Tensor:
     return torch.stack((rows[..., :half], rows[..., half:]), dim=-1).flatten(-2)
 
 
-def _gather(loaded: LoadedModel, pool: KVPool | KVStore, slots: Tensor) -> DynamicCache:
+def _gather(loaded: LoadedModel, pool: KVStore, slots: Tensor) -> DynamicCache:
     config = loaded.model.config
     layout = loaded.layout
     if slots.numel() == 0:
@@ -217,7 +156,7 @@ def _gather(loaded: LoadedModel, pool: KVPool | KVStore, slots: Tensor) -> Dynam
 
 
 def _scatter(
-    loaded: LoadedModel, pool: KVPool | KVStore, cache: DynamicCache, start: int, slots: Tensor
+    loaded: LoadedModel, pool: KVStore, cache: DynamicCache, start: int, slots: Tensor
 ) -> None:
     layout = loaded.layout
     for layer in range(layout.num_layers):

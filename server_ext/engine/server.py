@@ -63,7 +63,12 @@ def build_server(cfg: EngineConfig) -> tuple[Engine, FastAPI]:
 
     engine = build_engine(cfg)
     engine.start()
-    app = create_app(engine, model_name=cfg.model, max_request_bytes=cfg.max_request_bytes)
+    app = create_app(
+        engine,
+        model_name=cfg.model,
+        max_request_bytes=cfg.max_request_bytes,
+        max_tokens_default=cfg.max_tokens_default,
+    )
     return engine, app
 
 

@@ -46,7 +46,7 @@ from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
 
 from leyline.errors import LeylineError
 from leyline.server.core import rope as rope_mod
-from leyline.server.rope import RopeSpec, UnsupportedRope, hf_cache_spec, rotate
+from leyline.server.core.rope import RopeSpec, UnsupportedRope, hf_cache_spec, rotate
 
 EPS32 = 2.0**-24
 HEADS, TOKENS = 3, 53

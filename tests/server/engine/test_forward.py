@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leyline.server.engine.forward import Generation, KVPool, prefill, sample_next
+from leyline.server.engine.forward import Generation, sample_next
 from leyline.server.engine.model import LoadedModel
+from leyline.server.engine.store import KVStore
 from leyline.server.engine.tokenize import tokenize_chat
 
 TINY = ["tiny_llama", "tiny_deepseek"]
@@ -32,13 +33,28 @@ def _empty() -> torch.Tensor:
     return torch.empty(0, dtype=torch.int64)
 
 
+def _prefill(
+    loaded: LoadedModel,
+    pool: KVStore,
+    *,
+    cached_slots: torch.Tensor,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    new_slots: torch.Tensor,
+    logits_to_keep: int = 0,
+) -> torch.Tensor:
+    """Prefill after the cached tokens (the engine's path: a Generation over the store)."""
+    generation = Generation(loaded, pool, cached_slots=cached_slots)
+    return generation.extend(ids, positions, new_slots, logits_to_keep=logits_to_keep)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_prefill_whole_prompt_matches_full_forward(request: pytest.FixtureRequest, name: str):
     loaded = _model(request, name)
     ids = _random_ids(loaded, 37, seed=1)
-    pool = KVPool.allocate(loaded.layout, 50)
+    pool = KVStore(loaded.layout, 49)
     slots = torch.arange(1, 38)
-    logits = prefill(
+    logits = _prefill(
         loaded, pool, cached_slots=_empty(), ids=ids, positions=torch.arange(37), new_slots=slots
     )
     expected = _oracle(loaded, ids)
@@ -54,8 +70,8 @@ def test_cached_prefix_plus_tail_matches_full_forward(request: pytest.FixtureReq
     loaded = _model(request, name)
     ids = _random_ids(loaded, 41, seed=2)
     m = 23
-    pool = KVPool.allocate(loaded.layout, 64)
-    prefill(
+    pool = KVStore(loaded.layout, 63)
+    _prefill(
         loaded,
         pool,
         cached_slots=_empty(),
@@ -63,7 +79,7 @@ def test_cached_prefix_plus_tail_matches_full_forward(request: pytest.FixtureReq
         positions=torch.arange(m),
         new_slots=torch.arange(1, m + 1),
     )
-    tail = prefill(
+    tail = _prefill(
         loaded,
         pool,
         cached_slots=torch.arange(1, m + 1),
@@ -72,7 +88,7 @@ def test_cached_prefix_plus_tail_matches_full_forward(request: pytest.FixtureReq
         new_slots=torch.arange(m + 1, 42),
     )
     torch.testing.assert_close(tail, _oracle(loaded, ids)[m:], atol=ATOL, rtol=0)
-    last = prefill(
+    last = _prefill(
         loaded,
         pool,
         cached_slots=torch.arange(1, m + 1),
@@ -91,8 +107,8 @@ def test_shuffled_slots_match_contiguous_ones(request: pytest.FixtureRequest, na
     ids = _random_ids(loaded, n, seed=3)
     generator = torch.Generator().manual_seed(4)
     slots = torch.randperm(150, generator=generator)[:n] + 1  # non-contiguous, out of order
-    pool = KVPool.allocate(loaded.layout, 151)
-    prefill(
+    pool = KVStore(loaded.layout, 150)
+    _prefill(
         loaded,
         pool,
         cached_slots=_empty(),
@@ -100,7 +116,7 @@ def test_shuffled_slots_match_contiguous_ones(request: pytest.FixtureRequest, na
         positions=torch.arange(m),
         new_slots=slots[:m],
     )
-    tail = prefill(
+    tail = _prefill(
         loaded,
         pool,
         cached_slots=slots[:m],
@@ -109,8 +125,8 @@ def test_shuffled_slots_match_contiguous_ones(request: pytest.FixtureRequest, na
         new_slots=slots[m:],
     )
     torch.testing.assert_close(tail, _oracle(loaded, ids)[m:], atol=ATOL, rtol=0)
-    contiguous = KVPool.allocate(loaded.layout, n + 1)
-    prefill(
+    contiguous = KVStore(loaded.layout, n)
+    _prefill(
         loaded,
         contiguous,
         cached_slots=_empty(),
@@ -126,7 +142,7 @@ def test_shuffled_slots_match_contiguous_ones(request: pytest.FixtureRequest, na
 def test_decode_steps_match_full_forward(request: pytest.FixtureRequest, name: str):
     loaded = _model(request, name)
     prompt = _random_ids(loaded, 17, seed=5)
-    pool = KVPool.allocate(loaded.layout, 40)
+    pool = KVStore(loaded.layout, 39)
     slots = torch.arange(39, 0, -1)  # descending slots
     generation = Generation(loaded, pool, cached_slots=_empty())
     logits = generation.extend(prompt, torch.arange(17), slots[:17], logits_to_keep=1)[-1]
@@ -154,8 +170,8 @@ def test_wrong_positions_or_kv_are_visible(request: pytest.FixtureRequest, name:
     loaded = _model(request, name)
     ids = _random_ids(loaded, 30, seed=6)
     expected = _oracle(loaded, ids)[20:]
-    pool = KVPool.allocate(loaded.layout, 31)
-    prefill(
+    pool = KVStore(loaded.layout, 30)
+    _prefill(
         loaded,
         pool,
         cached_slots=_empty(),
@@ -163,7 +179,7 @@ def test_wrong_positions_or_kv_are_visible(request: pytest.FixtureRequest, name:
         positions=torch.arange(20),
         new_slots=torch.arange(1, 21),
     )
-    shifted = prefill(
+    shifted = _prefill(
         loaded,
         pool,
         cached_slots=torch.arange(1, 21),
@@ -173,7 +189,7 @@ def test_wrong_positions_or_kv_are_visible(request: pytest.FixtureRequest, name:
     )
     assert float((shifted - expected).abs().max()) > 1e-3
     pool.k[1][5] += 0.5  # perturb one cached token in one layer
-    perturbed = prefill(
+    perturbed = _prefill(
         loaded,
         pool,
         cached_slots=torch.arange(1, 21),
@@ -194,10 +210,10 @@ def test_mla_pool_rows_are_sglang_layout(tiny_deepseek: LoadedModel):
     )
     ids = _random_ids(loaded, 12, seed=7)
     positions = torch.arange(40, 52)  # not starting at 0: the rotation must follow positions
-    pool = KVPool.allocate(loaded.layout, 20)
+    pool = KVStore(loaded.layout, 19)
     slots = torch.arange(3, 15)
     try:
-        prefill(loaded, pool, cached_slots=_empty(), ids=ids, positions=positions, new_slots=slots)
+        _prefill(loaded, pool, cached_slots=_empty(), ids=ids, positions=positions, new_slots=slots)
     finally:
         hook.remove()
     raw = captured[0]  # (12, kv_lora_rank + rope)
@@ -218,8 +234,8 @@ def test_mha_pool_rows_are_per_head(tiny_llama: LoadedModel):
     """V rows hold each KV head's slice of v_proj, in head order (no transposition mix-up)."""
     loaded = tiny_llama
     ids = _random_ids(loaded, 9, seed=8)
-    pool = KVPool.allocate(loaded.layout, 12)
-    prefill(
+    pool = KVStore(loaded.layout, 11)
+    _prefill(
         loaded,
         pool,
         cached_slots=_empty(),
@@ -237,8 +253,8 @@ def test_mha_pool_rows_are_per_head(tiny_llama: LoadedModel):
 
 def test_pool_dtype_may_differ_from_model(tiny_llama: LoadedModel):
     ids = _random_ids(tiny_llama, 15, seed=9)
-    pool = KVPool.allocate(tiny_llama.layout, 16, dtype=torch.bfloat16)
-    prefill(
+    pool = KVStore(tiny_llama.layout, 15, dtype=torch.bfloat16)
+    _prefill(
         tiny_llama,
         pool,
         cached_slots=_empty(),
@@ -246,7 +262,7 @@ def test_pool_dtype_may_differ_from_model(tiny_llama: LoadedModel):
         positions=torch.arange(10),
         new_slots=torch.arange(1, 11),
     )
-    tail = prefill(
+    tail = _prefill(
         tiny_llama,
         pool,
         cached_slots=torch.arange(1, 11),
@@ -260,10 +276,10 @@ def test_pool_dtype_may_differ_from_model(tiny_llama: LoadedModel):
 
 
 def test_invalid_arguments_are_refused(tiny_llama: LoadedModel):
-    pool = KVPool.allocate(tiny_llama.layout, 8)
+    pool = KVStore(tiny_llama.layout, 7)
     ids = _random_ids(tiny_llama, 3, seed=10)
     with pytest.raises(ValueError, match="slot 0"):
-        prefill(
+        _prefill(
             tiny_llama,
             pool,
             cached_slots=_empty(),
@@ -272,7 +288,7 @@ def test_invalid_arguments_are_refused(tiny_llama: LoadedModel):
             new_slots=torch.tensor([0, 1, 2]),
         )
     with pytest.raises(ValueError, match="same non-zero length"):
-        prefill(
+        _prefill(
             tiny_llama,
             pool,
             cached_slots=_empty(),
@@ -280,8 +296,8 @@ def test_invalid_arguments_are_refused(tiny_llama: LoadedModel):
             positions=torch.arange(2),
             new_slots=torch.tensor([1, 2, 3]),
         )
-    with pytest.raises(ValueError, match="reserved slot 0"):
-        KVPool.allocate(tiny_llama.layout, 1)
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        KVStore(tiny_llama.layout, 0)
 
 
 def test_sample_next_greedy_and_nucleus():
@@ -309,7 +325,7 @@ def test_smollm2_answers_paris(smollm2: LoadedModel):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = torch.from_numpy(tokenize_chat(smollm2.tokenizer, messages).ids)
     n = prompt.numel()
-    pool = KVPool.allocate(smollm2.layout, n + 24)
+    pool = KVStore(smollm2.layout, n + 23)
     generation = Generation(smollm2, pool, cached_slots=_empty())
     logits = generation.extend(prompt, torch.arange(n), torch.arange(1, n + 1), logits_to_keep=1)
     answer: list[int] = []
