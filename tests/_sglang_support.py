@@ -117,6 +117,25 @@ def _stack(pool: Any, size: int, device: str) -> Stack:
     return Stack(pool, alloc, r2t, params, size)
 
 
+def isolate_http_hooks(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An empty SGLang `HookRegistry` for one test, with every target the plugin's HTTP hooks
+    patch restored afterwards; returns the registry."""
+    import pkgutil
+    from collections import defaultdict
+
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from leyline.server.sglang import response
+
+    monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))
+    monkeypatch.setattr(HookRegistry, "_patched", set())
+    for target, _kind, _hook in response.HOOK_TARGETS:
+        owner, name = target.rsplit(".", 1)
+        cls = pkgutil.resolve_name(owner)
+        monkeypatch.setattr(cls, name, cls.__dict__[name])
+    return HookRegistry
+
+
 def make_req(rid: str, tokens: list[int], payload: dict[str, Any] | None = None,
              extra_key: str | None = None) -> Any:  # fmt: skip
     """A real scheduler-side `Req`; ``payload`` travels as SGLang's flat custom_params."""

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import pkgutil
-from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
-from _sglang_support import make_req, require_sglang
+from _sglang_support import isolate_http_hooks, make_req, require_sglang
 
 require_sglang()
 
@@ -114,12 +112,7 @@ def test_malformed_payload_is_the_hooks_error_message(raw: str) -> None:
 @pytest.fixture
 def hooks(monkeypatch: pytest.MonkeyPatch) -> type[HookRegistry]:
     """The plugin's HTTP hooks applied by SGLang's HookRegistry, undone afterwards."""
-    monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))
-    monkeypatch.setattr(HookRegistry, "_patched", set())
-    for target, _kind, _hook in response.HOOK_TARGETS:
-        owner, name = target.rsplit(".", 1)
-        cls = pkgutil.resolve_name(owner)
-        monkeypatch.setattr(cls, name, cls.__dict__[name])
+    isolate_http_hooks(monkeypatch)
     response.install_http_hooks()
     HookRegistry.apply_hooks()
     return HookRegistry

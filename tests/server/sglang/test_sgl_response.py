@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import pkgutil
 import sys
-from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
-from _sglang_support import make_req, require_sglang
+from _sglang_support import isolate_http_hooks, make_req, require_sglang
 
 require_sglang()
 
@@ -42,12 +40,7 @@ DETAILS = {"cached_tokens": 790, "approximate_tokens": 278}  # SGLang's cached_t
 @pytest.fixture
 def hooks(monkeypatch: pytest.MonkeyPatch) -> type[HookRegistry]:
     """SGLang's HookRegistry, empty, with every patched target restored afterwards."""
-    monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))
-    monkeypatch.setattr(HookRegistry, "_patched", set())
-    for target, _kind, _hook in response.HOOK_TARGETS:
-        owner, name = target.rsplit(".", 1)
-        cls = pkgutil.resolve_name(owner)
-        monkeypatch.setattr(cls, name, cls.__dict__[name])
+    isolate_http_hooks(monkeypatch)
     return HookRegistry
 
 

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import pkgutil
 import threading
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from _sglang_support import require_sglang
+from _sglang_support import isolate_http_hooks, require_sglang
 
 require_sglang()
 
@@ -164,12 +162,7 @@ async def openai_v1_chat_completions(request: ChatCompletionRequest, raw_request
 def hooks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The plugin's HTTP hooks applied by SGLang's HookRegistry; the registry's table and every
     patched target are restored afterwards. Returns the targets registered."""
-    monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))
-    monkeypatch.setattr(HookRegistry, "_patched", set())
-    for target, _kind, _hook in response.HOOK_TARGETS:
-        owner, name = target.rsplit(".", 1)
-        cls = pkgutil.resolve_name(owner)
-        monkeypatch.setattr(cls, name, cls.__dict__[name])
+    isolate_http_hooks(monkeypatch)
     installed = response.install_http_hooks()
     HookRegistry.apply_hooks()
     return installed
