@@ -55,6 +55,29 @@ def test_truncation_policy_is_served_by_splicing(srv: RunningServer) -> None:
     assert client.totals.requests == 2
 
 
+def test_streaming_reads_the_accounting_of_the_final_chunk(srv: RunningServer) -> None:
+    client = leyline.wrap(
+        openai.OpenAI(base_url=srv.base_url, api_key="t", max_retries=0),
+        policy=TruncateOlderThan(n=1, max_chars=100),
+    )
+    for turns in (2, 3):
+        stream = client.chat.completions.create(
+            model=srv.model, messages=_tool_turns(turns), max_tokens=3, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        assert isinstance(stream, openai.Stream)
+        chunks = list(stream)
+        assert chunks[-1].usage is not None
+    acc = client.last_accounting
+    assert acc is not None and acc.spliced > 0 and not acc.exact_kv, acc
+    assert client.session.version == 2 and client.totals.requests == 2
+    # the usage details carry how many reused tokens are approximate
+    details = chunks[-1].usage.prompt_tokens_details  # type: ignore[union-attr]
+    assert (
+        details is not None and (details.model_extra or {})["approximate_tokens"] == acc.approximate
+    )
+
+
 def test_async_client_with_forget_policy(srv: RunningServer) -> None:
     async def run() -> leyline.Accounting | None:
         client = leyline.wrap(
