@@ -5,7 +5,8 @@ through the real ``openai`` client with a Leyline session. Then the agent trunca
 tool output (the published ``truncate_older_than`` rule) and sends the edited history three
 ways: AMORTIZE (splice the cached suffix), FORGET (re-prefill from the edit, exact), and a plain
 client without Leyline (exact-prefix caching only, what SGLang/vLLM do today). The table shows
-where each prompt's tokens came from and the time to first token, measured by the client.
+where each prompt's tokens came from (`leyline.protocol.TokenCounts`) and the time to first
+token, measured by the client.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 from leyline import Accounting, Session
 from leyline.server.engine.config import EngineConfig
 
-HEADER = ["request", "prompt", "exact", "spliced", "chunk", "recomputed", "TTFT ms", "reply"]
+HEADER = ["request", "prompt", "exact", "inherited", "spliced", "chunk", "recomputed", "TTFT ms",
+          "reply"]  # fmt: skip
 
 
 def _test_log(module: str, failing: int) -> str:
@@ -56,7 +58,7 @@ def _row(label: str, body: dict[str, Any], ttft_ms: float, text: str) -> list[st
     acc = Accounting.from_response(body)
     if acc is None:  # a plain client: only the exact-prefix hit is reported
         acc = Accounting(exact=cached, recomputed=prompt - cached, prompt_tokens=prompt)
-    counts = [acc.exact, acc.spliced, acc.chunk_reused, acc.recomputed]
+    counts = [acc.exact, acc.inherited, acc.spliced, acc.chunk_reused, acc.recomputed]
     return [label, str(prompt), *map(str, counts), f"{ttft_ms:.0f}", text]
 
 
@@ -146,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         "\nAMORTIZE keeps the cached suffix after the edit and only rotates its RoPE part;"
         "\nFORGET re-prefills from the edit (exact); a plain client re-prefills as well."
+        "\ninherited: a cached prefix whose KV descends from an earlier splice or chunk copy"
+        "\n(approximate, like spliced and chunk); exact: KV equal to a fresh prefill."
     )
     return 0
 
