@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from leyline.errors import DirectiveError, PayloadError
 from leyline.protocol import PROTOCOL_VERSION, SESSION_ID, Payload, ResponseInfo, usage_details
 from leyline.segments import render_segments
-from leyline.server.engine.engine import Engine, Finished, SamplingParams, Work
+from leyline.server.engine.engine import Engine
 from leyline.server.engine.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -39,6 +39,7 @@ from leyline.server.engine.protocol import (
     SamplingFields,
     error_body,
 )
+from leyline.server.engine.request import EngineError, Finished, SamplingParams, Work
 from leyline.server.engine.sessions import UnknownSession
 from leyline.server.engine.tokenize import tokenize_chat
 from leyline.server.engine.toolcalls import parse_tool_calls
@@ -103,6 +104,11 @@ def _error(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+def _from_engine(exc: EngineError) -> APIError:
+    """The engine's refusal as an answer in OpenAI's error shape."""
+    return APIError(exc.status, str(exc), code=exc.code, param=exc.param, type=exc.type)
+
+
 def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     loc = ".".join(str(p) for p in first.get("loc", ()))
@@ -124,6 +130,10 @@ def create_app(
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         metrics.requests.labels(request.url.path, str(exc.status)).inc()
         return _error(exc)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return await _api_error(request, _from_engine(exc))
 
     async def parse(request: Request, schema: type[BaseModel]) -> Any:
         raw = await request.body()
@@ -182,12 +192,13 @@ def create_app(
             )
 
     async def run(work: Work) -> Finished:
-        future = engine.submit(work)
         try:
-            return await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(engine.submit(work))
         except asyncio.CancelledError:
             work.cancelled.set()
             raise
+        except EngineError as exc:
+            raise _from_engine(exc) from exc
         except DirectiveError as exc:
             raise APIError(
                 400, str(exc), param="leyline.directives", code="invalid_directive"

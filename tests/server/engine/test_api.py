@@ -251,7 +251,7 @@ def test_server_failure_releases_everything(
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(srv.engine, "_materialize", boom)
+    monkeypatch.setattr(srv.engine, "materialize", boom)  # phase 3, after slots and locks
     r = httpx.post(
         f"{srv.base_url}/chat/completions",
         json={"model": srv.model, "messages": MESSAGES, "max_tokens": 2,
