@@ -22,6 +22,7 @@ from pathlib import Path
 from leyline.evals.consistency import ConsistencyConfig
 from leyline.evals.replay import ARMS, ReplayConfig
 from leyline.evals.workload import WorkloadConfig
+from leyline.middleware.policies import POLICY_NAMES
 
 __all__ = ["main", "parser"]
 
@@ -185,11 +186,26 @@ def parser() -> argparse.ArgumentParser:
         "--policy",
         action="append",
         default=None,
-        help="history policy; repeat for several arms (default: keep_all and truncate_older_than)",
+        choices=POLICY_NAMES,
+        metavar="NAME",
+        help=f"history policy, one of {', '.join(POLICY_NAMES)}; repeat for several arms "
+        "(default: keep_all and truncate; truncate_older_than is the same policy as truncate)",
     )
     d.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
     d.add_argument("--max-steps", type=int, default=None)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="sampling seed sent with every model request (--llm endpoint; replays ignore it)",
+    )
+    d.add_argument(
+        "--debug-gym-venv",
+        type=Path,
+        default=None,
+        help="the debug-gym Python 3.12 venv to build or reuse (default: one per checkout "
+        "under the Leyline cache directory)",
+    )
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--out", type=Path, default=None)
     return p

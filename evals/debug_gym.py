@@ -16,14 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from leyline.evals.report import bar_chart, environment, fmt, markdown_table, write_json
+from leyline.middleware.policies import POLICY_NAMES
 
 DEFAULT_POLICIES = ("keep_all", "truncate")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run every requested policy arm and write the report into ``args.out``."""
-    from leyline.evals.debug_gym_env import prepare_env, run_debug_gym
+    from leyline.evals.debug_gym_env import DebugGymEnvSpec, prepare_env, run_debug_gym
 
+    policies = list(args.policy or DEFAULT_POLICIES)
+    unknown = [p for p in policies if p not in POLICY_NAMES]
+    if unknown:  # before any environment work
+        print(
+            f"leyline eval debug-gym: unknown policy {', '.join(map(repr, unknown))}; "
+            f"choose from {', '.join(POLICY_NAMES)}"
+        )
+        return 2
     llm = "openai" if args.llm == "endpoint" else "scripted"
     if args.serve and args.endpoint:
         print("leyline eval debug-gym: give --serve MODEL or --endpoint URL, not both")
@@ -31,11 +40,12 @@ def run(args: argparse.Namespace) -> int:
     if llm == "openai" and not ((args.endpoint and args.model) or args.serve):
         print("leyline eval debug-gym: --llm endpoint needs --endpoint URL and --model NAME")
         return 2
-    policies = list(args.policy or DEFAULT_POLICIES)
     tasks = [t for t in (args.tasks or "").split(",") if t]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    python = prepare_env(progress=None if args.no_progress else print)
+    venv = getattr(args, "debug_gym_venv", None)
+    spec = DebugGymEnvSpec(venv_dir=venv) if venv is not None else DebugGymEnvSpec()
+    python = prepare_env(spec, progress=None if args.no_progress else print)
     arms: dict[str, dict[str, Any]] = {}
     for policy in policies:
         print(f"debug-gym: policy {policy} ({llm}) ...", flush=True)
@@ -50,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
                 model=model,
                 api_key=args.api_key,
                 max_steps=args.max_steps,
+                seed=args.seed,
                 stream=endpoint is not None,
             )
         arms[policy] = result["summary"] | {"kind": result["kind"], "note": result["note"]}

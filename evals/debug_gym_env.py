@@ -3,7 +3,10 @@
 debug-gym 1.3.0 needs Python >= 3.12, and a plain ``pip install debug-gym`` drags in
 swesmith -> sglang -> torch. :func:`prepare_env` builds (once, cached) a separate venv:
 
-1. a Python 3.12 interpreter makes ``~/.cache/leyline/debug-gym-venv``;
+1. a Python 3.12 interpreter makes the venv: one per checkout, ``debug-gym-venv-<key>`` in the
+   Leyline cache directory (``$LEYLINE_CACHE_DIR``, default ``~/.cache/leyline``), where
+   ``<key>`` names the project root; ``DebugGymEnvSpec(venv_dir=...)`` or
+   ``leyline eval debug-gym --debug-gym-venv`` picks another place;
 2. ``debug-gym==1.3.0``, ``swesmith==0.0.4``, ``swebench==4.0.3`` with ``--no-deps``;
 3. their light dependencies from the lock file ``debug_gym_assets/requirements-debug-gym.lock``
    (resolved once; installed with ``--no-deps``, so no resolver run and no torch);
@@ -12,16 +15,17 @@ swesmith -> sglang -> torch. :func:`prepare_env` builds (once, cached) a separat
 4. the client-only ``leyline`` from the project root, editable, with ``--no-deps``;
 5. an import check; then a stamp (hash of the pins, the lock and the interpreter version).
 
-A second call with the same stamp returns at once; a changed project root only re-links
-``leyline`` (step 4). The mini_nightmare data is copied to ``$HOME/.cache/debug_gym/mini_nightmare``
+A second call with the same stamp returns at once. Each checkout has its own venv, so a run
+always imports the ``leyline`` of the checkout that started it; a venv given explicitly and
+shared by checkouts is re-linked (step 4) whenever a different checkout uses it. The mini_nightmare data is copied to ``$HOME/.cache/debug_gym/mini_nightmare``
 (where debug-gym looks for it) when absent, so nothing is downloaded.
 
 :func:`runner_command` and :func:`run_debug_gym` then run :mod:`leyline.middleware.debug_gym_run`
 inside that venv as a subprocess; the 3.11 side never imports debug-gym.
 
 >>> spec = DebugGymEnvSpec()
->>> spec.venv_dir.name
-'debug-gym-venv'
+>>> spec.venv.name == f"debug-gym-venv-{checkout_key(spec.project_root)}"
+True
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from typing import Any
 __all__ = [
     "DEBUG_GYM_PINS",
     "DebugGymEnvSpec",
+    "checkout_key",
     "dataset_available",
     "find_dataset",
     "prepare_env",
@@ -71,8 +76,22 @@ IMPORT_CHECK = (
 )
 
 
-def _default_venv() -> Path:
-    return Path.home() / ".cache" / "leyline" / "debug-gym-venv"
+def checkout_key(project_root: Path = PROJECT_ROOT) -> str:
+    """A short name for a checkout: its folder name and a hash of its resolved path.
+
+    >>> checkout_key(Path("/src/leyline")) == checkout_key(Path("/src/leyline/"))
+    True
+    """
+    root = project_root.resolve()
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:10]
+    name = "".join(c if c.isalnum() or c in "-_" else "_" for c in root.name)[:32]
+    return f"{name}-{digest}"
+
+
+def _default_venv(project_root: Path = PROJECT_ROOT) -> Path:
+    from leyline._config import Environment
+
+    return Environment.read().cache_dir / f"debug-gym-venv-{checkout_key(project_root)}"
 
 
 def _default_data_target() -> Path:
@@ -133,12 +152,14 @@ def _runs(python: str) -> bool:
 class DebugGymEnvSpec:
     """Where and how the debug-gym venv is built.
 
-    ``python``: a Python >= 3.12 interpreter (found on PATH or under pyenv when ``None``);
+    ``venv_dir``: where the venv lives (default: one per ``project_root``, see the module
+    docstring); ``python``: a Python >= 3.12 interpreter (found on PATH or under pyenv when
+    ``None``);
     ``data_source``: the mini_nightmare folder to copy (:func:`find_dataset` when ``None``);
     ``data_target``: where debug-gym reads it (``$HOME/.cache/debug_gym/mini_nightmare``).
     """
 
-    venv_dir: Path = field(default_factory=_default_venv)
+    venv_dir: Path | None = None
     python: Path | None = None
     project_root: Path = PROJECT_ROOT
     data_source: Path | None = None
@@ -157,6 +178,11 @@ class DebugGymEnvSpec:
             )
         if not self.pins:
             raise ValueError("pins must name at least debug-gym")
+
+    @property
+    def venv(self) -> Path:
+        """The venv folder: ``venv_dir``, or this checkout's own under the cache directory."""
+        return self.venv_dir if self.venv_dir is not None else _default_venv(self.project_root)
 
     @property
     def stamp(self) -> str:
@@ -284,9 +310,9 @@ def prepare_env(
     spec = spec or DebugGymEnvSpec()
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
-    python = venv_python(spec.venv_dir)
-    stamp_file = spec.venv_dir / STAMP_NAME
-    link_file = spec.venv_dir / LINK_NAME
+    python = venv_python(spec.venv)
+    stamp_file = spec.venv / STAMP_NAME
+    link_file = spec.venv / LINK_NAME
     root = str(spec.project_root.resolve())
     warm = (
         not force
@@ -303,11 +329,11 @@ def prepare_env(
                 "on PATH and under pyenv); install one or pass DebugGymEnvSpec(python=...)"
             )
     if not warm:
-        t = _step(say, 1, total, f"creating a Python 3.12 venv at {spec.venv_dir}")
-        shutil.rmtree(spec.venv_dir, ignore_errors=True)
-        spec.venv_dir.parent.mkdir(parents=True, exist_ok=True)
-        _run([str(base), "-m", "venv", "--without-pip", str(spec.venv_dir)])
-        installer = _Installer(base, python, spec.venv_dir.parent / "uv-tool")
+        t = _step(say, 1, total, f"creating a Python 3.12 venv at {spec.venv}")
+        shutil.rmtree(spec.venv, ignore_errors=True)
+        spec.venv.parent.mkdir(parents=True, exist_ok=True)
+        _run([str(base), "-m", "venv", "--without-pip", str(spec.venv)])
+        installer = _Installer(base, python, spec.venv.parent / "uv-tool")
         say(f"    {time.perf_counter() - t:.1f} s ({base}, installer: {installer.name})")
 
         t = _step(say, 2, total, "installing " + ", ".join(spec.pins) + " with --no-deps")
@@ -319,13 +345,13 @@ def prepare_env(
         say(f"    {time.perf_counter() - t:.1f} s")
         link_file.unlink(missing_ok=True)
     else:
-        say(f"[debug-gym env] venv {spec.venv_dir} is up to date (stamp {spec.stamp})")
+        say(f"[debug-gym env] venv {spec.venv} is up to date (stamp {spec.stamp})")
 
     if not link_file.is_file() or link_file.read_text().strip() != root:
         t = _step(
             say, 4, total, f"installing client-only leyline from {root} (editable, --no-deps)"
         )
-        installer = _Installer(base, python, spec.venv_dir.parent / "uv-tool")
+        installer = _Installer(base, python, spec.venv.parent / "uv-tool")
         installer.install(["--no-deps", "--no-build-isolation", "-e", root])
         link_file.write_text(root + "\n")
         say(f"    {time.perf_counter() - t:.1f} s")
@@ -347,7 +373,7 @@ def prepare_env(
         t = _step(say, 6, total, "checking imports")
         if not _import_ok(python, spec.project_root):
             raise RuntimeError(
-                f"the debug-gym venv at {spec.venv_dir} cannot import debug-gym and leyline; "
+                f"the debug-gym venv at {spec.venv} cannot import debug-gym and leyline; "
                 "see the log above, or rebuild with prepare_env(force=True)"
             )
         stamp_file.write_text(spec.stamp + "\n")
@@ -380,6 +406,7 @@ def runner_command(
     model: str | None = None,
     api_key: str | None = None,
     max_steps: int | None = None,
+    seed: int | None = None,
     stream: bool = False,
 ) -> list[str]:
     """The command line that runs :mod:`leyline.middleware.debug_gym_run` in the venv."""
@@ -395,6 +422,8 @@ def runner_command(
         cmd += ["--api-key", api_key]
     if max_steps is not None:
         cmd += ["--max-steps", str(max_steps)]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
     if stream:
         cmd.append("--stream")
     return cmd
@@ -433,7 +462,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=None, help="mini_nightmare folder to copy")
     p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
-    spec = DebugGymEnvSpec(venv_dir=args.venv or _default_venv(), data_source=args.data)
+    spec = DebugGymEnvSpec(venv_dir=args.venv, data_source=args.data)
     print(prepare_env(spec, force=args.force))
     return 0
 

@@ -10,24 +10,40 @@ Graceful degradation: a server that ignores ``custom_params`` just works (no acc
 strict server that rejects the field with a 400 is retried once without it, and the
 conversation stops sending it; the policy keeps applying. A Leyline server's own 400 about the
 payload (``invalid_payload``, ``stale_version``, ...) is raised, not swallowed.
+
+Modes: the session's diff gives every edit FORGET when it produces a message the policy marked
+``forget``, else the conversation's ``default_mode``. :func:`apply_policy_modes` then applies the
+policy's other marks: an edit whose every part the policy marked AMORTIZE is AMORTIZE, and a
+removal is served in the mode the policy gave it (a directive that touches anything FORGET stays
+FORGET).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import openai
 
 from leyline.accounting import Accounting
-from leyline.middleware.messages import as_message_dicts
-from leyline.middleware.policies import KeepAll, Policy
+from leyline.directives import Mode
+from leyline.middleware.messages import Message, as_message_dicts
+from leyline.middleware.policies import Policy, PolicyLike, PolicyResult, as_policy
 from leyline.protocol import PAYLOAD_KEY
+from leyline.segments import Segment
 from leyline.session import Prepared, Session
 
-__all__ = ["Conversation", "Plan", "asend", "is_leyline_refusal", "send"]
+__all__ = [
+    "Conversation",
+    "Plan",
+    "apply_policy_modes",
+    "asend",
+    "is_leyline_refusal",
+    "send",
+]
 
 log = logging.getLogger("leyline.middleware")
 _LEYLINE_CODES = ("invalid_payload", "invalid_directive", "unsupported_protocol",
@@ -62,10 +78,67 @@ def is_leyline_refusal(exc: BaseException) -> bool:
     return "custom_params" in text or "leyline" in text
 
 
+def apply_policy_modes(
+    prepared: Prepared,
+    result: PolicyResult,
+    *,
+    base: Sequence[Segment] | None,
+    previous: Sequence[Mapping[str, Any]] | None,
+    default_mode: Mode = Mode.AMORTIZE,
+) -> Prepared:
+    """``prepared`` with each directive's mode set from the policy's marks in ``result``.
+
+    ``base`` is the session's committed segments (``session.base_segments`` before the commit)
+    and ``previous`` the messages of that version, so a removed base message can be matched to
+    ``result.dropped``. A directive is FORGET when a message it produces is marked FORGET (or
+    unmarked, under a FORGET default) or it removes a message dropped with FORGET; AMORTIZE
+    when everything it touches is marked AMORTIZE; ``default_mode`` when nothing it touches is
+    marked (e.g. the caller deleted messages itself).
+
+    >>> from leyline.middleware import TruncateOlderThan
+    >>> call = {"id": "a", "type": "function", "function": {"name": "cat", "arguments": "{}"}}
+    >>> history = [{"role": "assistant", "tool_calls": [call]},
+    ...            {"role": "tool", "tool_call_id": "a", "content": "x" * 900},
+    ...            {"role": "user", "content": "next"}]
+    >>> session = Session()
+    >>> session.commit(session.prepare(history))
+    >>> result = TruncateOlderThan(n=0, max_chars=10, mode=Mode.AMORTIZE).apply(history)
+    >>> prep = session.prepare(result.messages, default_mode=Mode.FORGET)
+    >>> [d.mode.value for d in prep.directives]
+    ['forget']
+    >>> prep = apply_policy_modes(prep, result, base=session.base_segments, previous=history,
+    ...                           default_mode=Mode.FORGET)
+    >>> [d.mode.value for d in prep.directives]
+    ['amortize']
+    """
+    if not prepared.directives or base is None or not (result.amortize or result.dropped):
+        return prepared
+    if previous is not None and (not base or len(previous) != base[-1].message + 1):
+        previous = None  # why: not the messages of the base version (a swapped session)
+    directives = []
+    for d in prepared.directives:
+        modes: set[Mode] = set()
+        for j in {prepared.segments[k].message for k in range(*d.replacement)}:
+            if j in result.forget:
+                modes.add(Mode.FORGET)
+            else:
+                modes.add(Mode.AMORTIZE if j in result.amortize else default_mode)
+        if previous is not None:
+            for b in {base[k].message for k in range(d.start, d.end)}:
+                modes.update(mode for msg, mode in result.dropped if msg == previous[b])
+        mode = Mode.FORGET if Mode.FORGET in modes else Mode.AMORTIZE if modes else default_mode
+        directives.append(dataclasses.replace(d, mode=mode))
+    return dataclasses.replace(prepared, directives=tuple(directives))
+
+
 class Conversation:
     """One session, one policy, the latest and running accounting.
 
-    >>> conv = Conversation(KeepAll())
+    ``policy`` may be a :class:`~leyline.middleware.Policy` or a plain function
+    ``messages -> messages`` (:func:`~leyline.middleware.as_policy`); ``default_mode`` is the
+    mode of edits the policy does not mark, pure deletions included.
+
+    >>> conv = Conversation(lambda messages: messages[-1:])
     >>> plan = conv.plan({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     >>> sorted(plan.kwargs["extra_body"]["custom_params"])
     ['leyline']
@@ -73,17 +146,36 @@ class Conversation:
 
     def __init__(
         self,
-        policy: Policy | None = None,
+        policy: PolicyLike | None = None,
         session: Session | None = None,
         *,
         leyline: bool = True,
+        default_mode: Mode | str = Mode.AMORTIZE,
     ) -> None:
-        self.policy: Policy = policy if policy is not None else KeepAll()
+        self._policy: Policy = as_policy(policy)
         self.session = session if session is not None else Session()
+        try:
+            #: Mode of edits the policy does not mark (pure deletions included).
+            self.default_mode = Mode(default_mode)
+        except ValueError:
+            raise ValueError(
+                f"default_mode must be leyline.Mode.AMORTIZE or Mode.FORGET, got {default_mode!r}"
+            ) from None
         #: False once a server refused the ``leyline`` field: requests go without it.
         self.leyline_enabled = leyline
         self.last_accounting: Accounting | None = None
         self.totals = Accounting.zero()
+        # the messages of the version the session last committed (removals are matched to them)
+        self._committed: list[Message] | None = None
+
+    @property
+    def policy(self) -> Policy:
+        """The history policy (assign a ``Policy`` or a plain function)."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: PolicyLike) -> None:
+        self._policy = as_policy(policy)
 
     def plan(self, kwargs: dict[str, Any]) -> Plan:
         """Apply the policy to ``kwargs["messages"]`` and attach the session payload."""
@@ -103,6 +195,14 @@ class Conversation:
             result.messages,
             forget=result.forget,
             tools=tools if isinstance(tools, list) else None,
+            default_mode=self.default_mode,
+        )
+        prepared = apply_policy_modes(
+            prepared,
+            result,
+            base=self.session.base_segments,
+            previous=self._committed,
+            default_mode=self.default_mode,
         )
         extra = dict(user_extra) if isinstance(user_extra, dict) else {}
         custom = dict(extra.get("custom_params") or {})
@@ -120,6 +220,7 @@ class Conversation:
         """The server took the request: advance the session to the plan's version."""
         if plan.prepared is not None:
             self.session.commit(plan.prepared)
+            self._committed = list(plan.kwargs["messages"])
 
     def observe(self, body: Any) -> Accounting | None:
         """Record the accounting of a response (or final stream chunk), if it has one."""

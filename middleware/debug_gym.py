@@ -8,9 +8,11 @@ import it, the dotted path ``leyline.middleware.debug_gym.LeylineFroggyAgent``) 
 
 What differs from ``FroggyAgent``:
 
-- ``build_history_prompt`` applies the policy (:class:`~leyline.middleware.KeepAll`,
-  ``TruncateOlderThan(n=2, max_chars=200)``, ...) and keeps its forget set; ``step`` hands the
-  set to a Leyline LLM as ``leyline_forget`` (indices into the full prompt);
+- ``build_history_prompt`` applies the policy (a :data:`POLICY_NAMES` name such as
+  ``drop_failed``, which knows debug-gym's failure texts, or any policy object given as
+  ``policy=``) and keeps its result; ``step`` hands it to a Leyline LLM as ``leyline_result``
+  (a :class:`~leyline.middleware.PolicyResult` over the full prompt: FORGET / AMORTIZE marks and
+  dropped messages) and ``leyline_forget`` (the FORGET indices);
 - a static system prompt (Froggy's default embeds the last eval output, so message 0 changed
   whenever a test result changed and no prefix survived);
 - ``listdir`` is removed from the environment's tools (1.3.0 runs ``apt-get install tree``);
@@ -20,7 +22,7 @@ What differs from ``FroggyAgent``:
 
 >>> from leyline.middleware.debug_gym import make_policy
 >>> make_policy("truncate")
-TruncateOlderThan(n=2, max_chars=200, marker='\\n[... truncated]', forget=False)
+TruncateOlderThan(n=2, max_chars=200, marker='\\n[... truncated]', forget=False, mode=None)
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from debug_gym.llms.base import LLM, LLMResponse
 from debug_gym.logger import DebugGymLogger
 
 from leyline.middleware.policies import (
-    DropFailedToolCalls,
-    KeepAll,
-    LastNObservations,
+    POLICY_NAMES,
     Policy,
-    TruncateOlderThan,
+    PolicyLike,
+    PolicyResult,
+    as_policy,
+    named_policy,
 )
 
 __all__ = [
@@ -50,8 +53,6 @@ __all__ = [
     "LeylineFroggyAgentArgs",
     "make_policy",
 ]
-
-POLICY_NAMES = ("keep_all", "truncate", "drop_failed", "last_5_observations")
 
 # why: no template variables, so message 0 is byte-identical on every request of an episode.
 STATIC_SYSTEM_PROMPT = (
@@ -65,18 +66,9 @@ STATIC_SYSTEM_PROMPT = (
 
 
 def make_policy(name: str) -> Policy:
-    """The policy for a CLI / config name (see :data:`POLICY_NAMES`)."""
-    match name:
-        case "keep_all":
-            return KeepAll()
-        case "truncate" | "truncate_older_than":
-            return TruncateOlderThan(n=2, max_chars=200)
-        case "drop_failed":
-            return DropFailedToolCalls()
-        case "last_5_observations":
-            return LastNObservations(n=5)
-        case _:
-            raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    """The policy for a CLI / config name (see :data:`POLICY_NAMES`): ``drop_failed`` is
+    :meth:`~leyline.middleware.DropFailedToolCalls.for_debug_gym` (debug-gym's failure texts)."""
+    return named_policy(name)
 
 
 @dataclass
@@ -112,14 +104,21 @@ class LeylineFroggyAgent(FroggyAgent):  # type: ignore[misc]  # debug-gym (own v
         llm: LLM | None = None,
         logger: DebugGymLogger | None = None,
         *,
-        policy: Policy | None = None,
+        policy: PolicyLike | None = None,
     ) -> None:
         super().__init__(agent_args=agent_args, llm=llm, logger=logger)
-        self.policy: Policy = policy if policy is not None else make_policy(self.args.policy)
-        #: Indices (into the last prompt built) of messages whose edits must be FORGET.
-        self.last_forget: frozenset[int] = frozenset()
-        self._history_forget: frozenset[int] = frozenset()
+        self.policy: Policy = (
+            as_policy(policy) if policy is not None else make_policy(self.args.policy)
+        )
+        #: The policy's result over the last prompt built (head included): its marks and drops.
+        self.last_result: PolicyResult | None = None
+        self._history: PolicyResult | None = None
         self.stop_reason: str | None = None
+
+    @property
+    def last_forget(self) -> frozenset[int]:
+        """Indices (into the last prompt built) of messages whose edits must be FORGET."""
+        return self.last_result.forget if self.last_result is not None else frozenset()
 
     # -- prompt -----------------------------------------------------------------------------------
     def build_history_prompt(self) -> list[dict[str, Any]]:
@@ -131,21 +130,31 @@ class LeylineFroggyAgent(FroggyAgent):  # type: ignore[misc]  # debug-gym (own v
             # whose assistant call was cut. Keep whole steps (assistant + tool), at least one.
             steps = max(1, keep // 2)
             messages = messages[-2 * steps :]
-        result = self.policy.apply(messages)
-        self._history_forget = result.forget
-        return list(result.messages)
+        self._history = self.policy.apply(messages)
+        return list(self._history.messages)
 
     def build_prompt(self, info: EnvInfo | None = None) -> list[dict[str, Any]]:
-        """System + instance + policy-applied history; records :attr:`last_forget`."""
+        """System + instance + policy-applied history; records :attr:`last_result`."""
         head = [self.build_system_prompt(info), self.build_instance_prompt(info)]
         history = self.build_history_prompt()
-        forget = set(self._history_forget)
+        result = self._history or PolicyResult.unchanged(history)
+        cut = 0
         budget = self.args.max_history_token_cutoff
         if budget > 0:
-            history, dropped = self._fit_tokens(head, history, budget)
-            forget = {i - dropped for i in forget if i >= dropped}
-        self.last_forget = frozenset(i + len(head) for i in forget)
-        return head + history
+            history, cut = self._fit_tokens(head, history, budget)
+
+        def shift(marks: frozenset[int]) -> frozenset[int]:
+            return frozenset(i - cut + len(head) for i in marks if i >= cut)
+
+        prompt = head + history
+        self.last_result = PolicyResult(
+            tuple(prompt),
+            shift(result.forget),
+            tuple(range(len(prompt))),
+            shift(result.amortize),
+            result.dropped,
+        )
+        return prompt
 
     def _fit_tokens(
         self, head: Sequence[dict[str, Any]], history: list[dict[str, Any]], budget: int
@@ -166,7 +175,12 @@ class LeylineFroggyAgent(FroggyAgent):  # type: ignore[misc]  # debug-gym (own v
     def step(self, info: EnvInfo) -> LLMResponse:
         messages = self.build_prompt(info)
         if getattr(self.llm, "accepts_leyline_forget", False):
-            return self.llm(messages, info.tools, leyline_forget=self.last_forget)
+            return self.llm(
+                messages,
+                info.tools,
+                leyline_forget=self.last_forget,
+                leyline_result=self.last_result,
+            )
         return self.llm(messages, info.tools)
 
     def should_stop(self, step: int, info: EnvInfo) -> tuple[bool, str | None]:

@@ -7,8 +7,10 @@ Runs only in the Python 3.12 venv built by :func:`leyline.evals.debug_gym_env.pr
   the Leyline session payload (``Session.prepare(messages, forget=...).extra_body()``), commits
   the session once the server took the request, and records a :class:`StepRecord` per request
   (prompt tokens, cached / exact / spliced / chunk-reused / recomputed tokens, TTFT when
-  streaming). The forget set comes from :class:`leyline.middleware.debug_gym.LeylineFroggyAgent`
-  as the ``leyline_forget`` keyword.
+  streaming). The policy's marks come from :class:`leyline.middleware.debug_gym.LeylineFroggyAgent`
+  as the ``leyline_result`` keyword (a :class:`~leyline.middleware.PolicyResult` over the prompt:
+  FORGET / AMORTIZE edits and the modes of dropped messages, applied with
+  :func:`~leyline.middleware.conversation.apply_policy_modes`), or as ``leyline_forget`` alone.
 - :class:`ScriptedLLM`: replays a hand-written tool-call script (one JSON file per task in
   ``evals/debug_gym_assets/scripts``). A replay is not a model result. Offline it records
   client-side estimates (tokens, segments, directives); with an endpoint it also sends each
@@ -38,7 +40,8 @@ from debug_gym.llms.openai import OpenAILLM
 from debug_gym.logger import DebugGymLogger
 
 from leyline.accounting import Accounting
-from leyline.middleware.conversation import is_leyline_refusal
+from leyline.middleware.conversation import apply_policy_modes, is_leyline_refusal
+from leyline.middleware.policies import PolicyResult
 from leyline.session import Prepared, Session
 
 __all__ = [
@@ -134,6 +137,24 @@ def _forget_in_range(forget: Collection[int], n: int) -> list[int]:
     return sorted(i for i in forget if 0 <= i < n)
 
 
+def _marks(
+    messages: Sequence[Mapping[str, Any]], forget: Collection[int], result: PolicyResult | None
+) -> PolicyResult:
+    """The policy's marks for the prompt being sent: the agent's result when it still describes
+    this prompt, else the in-range forget indices and the result's dropped messages."""
+    if result is not None and len(result.messages) == len(messages):
+        return result
+    n = len(messages)
+    dropped = result.dropped if result is not None else ()
+    return PolicyResult(
+        tuple(dict(m) for m in messages),
+        frozenset(_forget_in_range(forget, n)),
+        tuple(range(n)),
+        frozenset(),
+        dropped,
+    )
+
+
 class LeylineOpenAILLM(OpenAILLM):  # type: ignore[misc]  # debug-gym (own venv) is Any here
     """debug-gym's ``OpenAILLM`` with a Leyline session and per-request accounting.
 
@@ -167,6 +188,8 @@ class LeylineOpenAILLM(OpenAILLM):  # type: ignore[misc]  # debug-gym (own venv)
         #: every prompt sent, as OpenAI message lists (edit cases for ``leyline eval consistency``)
         self.prompts: list[list[dict[str, Any]]] = []
         self._failures = 0
+        # the prompt of the version the session last committed (removals are matched to it)
+        self._committed: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_endpoint(
@@ -219,8 +242,9 @@ class LeylineOpenAILLM(OpenAILLM):  # type: ignore[misc]  # debug-gym (own venv)
 
     def _perform_chat_completion(self, **kwargs: Any) -> Any:
         forget = kwargs.pop("leyline_forget", ())
+        result = kwargs.pop("leyline_result", None)
         messages = kwargs["messages"]
-        prepared = self._prepare(messages, forget, kwargs.get("tools"))
+        prepared = self._prepare(messages, forget, kwargs.get("tools"), result)
         if prepared is not None:
             extra = dict(kwargs.get("extra_body") or {})
             extra.update(prepared.extra_body())
@@ -237,21 +261,31 @@ class LeylineOpenAILLM(OpenAILLM):  # type: ignore[misc]  # debug-gym (own venv)
             response, ttft, latency = self._create(kwargs)
         self._failures = 0
         if prepared is not None:
-            self.session.commit(prepared)
+            self._commit(prepared, messages)
         self._record(messages, prepared, response, ttft, latency)
         return response
 
     # -- internals ------------------------------------------------------------------------------
     def _prepare(
-        self, messages: Sequence[Mapping[str, Any]], forget: Collection[int], tools: Any
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        forget: Collection[int],
+        tools: Any,
+        result: PolicyResult | None = None,
     ) -> Prepared | None:
         if not self.leyline_enabled:
             return None
-        return self.session.prepare(
-            messages,
-            forget=_forget_in_range(forget, len(messages)),
-            tools=tools if isinstance(tools, list) else None,
+        marks = _marks(messages, forget, result)
+        prepared = self.session.prepare(
+            messages, forget=marks.forget, tools=tools if isinstance(tools, list) else None
         )
+        return apply_policy_modes(
+            prepared, marks, base=self.session.base_segments, previous=self._committed
+        )
+
+    def _commit(self, prepared: Prepared, messages: Sequence[Mapping[str, Any]]) -> None:
+        self.session.commit(prepared)
+        self._committed = [dict(m) for m in messages]
 
     def _create(self, kwargs: dict[str, Any]) -> tuple[Any, float | None, float]:
         t0 = time.perf_counter()
@@ -396,11 +430,14 @@ class ScriptedLLM(LeylineOpenAILLM):
 
     def generate(self, messages: list[dict[str, Any]], tools: Any, **kwargs: Any) -> LLMResponse:
         forget = kwargs.get("leyline_forget", ())
+        result = kwargs.get("leyline_result")
         if self.endpoint:
             # The server sees the real prompt; its answer is discarded for the script's call.
-            super().generate(messages, tools, max_tokens=1, leyline_forget=forget)
+            super().generate(
+                messages, tools, max_tokens=1, leyline_forget=forget, leyline_result=result
+            )
         else:
-            self._record_offline(messages, tools, forget)
+            self._record_offline(messages, tools, forget, result)
         step = self._take()
         self._next += 1
         call = ToolCall(id=f"call_{self._next}", name=step.tool, arguments=dict(step.arguments))
@@ -419,14 +456,17 @@ class ScriptedLLM(LeylineOpenAILLM):
         return ScriptStep("submit", {"message": "script exhausted"}, "Script exhausted.")
 
     def _record_offline(
-        self, messages: list[dict[str, Any]], tools: Any, forget: Collection[int]
+        self,
+        messages: list[dict[str, Any]],
+        tools: Any,
+        forget: Collection[int],
+        result: PolicyResult | None = None,
     ) -> None:
         self.prompts.append([dict(m) for m in messages])
         defs = self.define_tools(tools) if tools else None
-        prepared = self.session.prepare(
-            messages, forget=_forget_in_range(forget, len(messages)), tools=defs
-        )
-        self.session.commit(prepared)
+        prepared = self._prepare(messages, forget, defs, result)
+        assert prepared is not None  # offline: nothing can refuse the field
+        self._commit(prepared, messages)
         tokens = sum(len(t) for t in self.tokenize(messages))
         if defs:
             tokens += len(_encoding().encode(json.dumps(defs), disallowed_special=()))

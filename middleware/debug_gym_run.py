@@ -5,7 +5,11 @@ starts it as a subprocess)::
 
     python -m leyline.middleware.debug_gym_run --llm scripted --policy keep_all --out runs/keep_all
     python -m leyline.middleware.debug_gym_run --llm openai --endpoint http://127.0.0.1:8000/v1 \\
-        --model smollm2 --policy truncate --max-steps 50 --out runs/truncate
+        --model smollm2 --policy truncate --max-steps 50 --seed 0 --out runs/truncate
+
+From Python, :func:`run_tasks` takes a policy object (``DropFailedToolCalls.for_debug_gym(
+mode=Mode.FORGET)``, a plain function, ...) or a :data:`~leyline.middleware.POLICY_NAMES` name;
+names are checked before any task is prepared.
 
 Each task runs offline: ``terminal.type=local`` (debug-gym's ``LocalTerminal``), no Docker
 image, the dataset read from ``$HOME/.cache/debug_gym/mini_nightmare``. ``pandas_dataframe``
@@ -32,10 +36,19 @@ from debug_gym.gym.tools.toolbox import Toolbox
 from debug_gym.llms.base import LLM
 from debug_gym.logger import DebugGymLogger
 
-from leyline.middleware.debug_gym import POLICY_NAMES, LeylineFroggyAgent
+from leyline.middleware.debug_gym import LeylineFroggyAgent
 from leyline.middleware.debug_gym_llm import LeylineOpenAILLM, ScriptedLLM, load_script
+from leyline.middleware.policies import POLICY_NAMES, Policy, PolicyLike, as_policy, named_policy
 
-__all__ = ["DEFAULT_TOOLS", "OFFLINE_TASKS", "LLMFactory", "main", "run_tasks", "summarize"]
+__all__ = [
+    "DEFAULT_TOOLS",
+    "OFFLINE_TASKS",
+    "LLMFactory",
+    "main",
+    "resolve_policy",
+    "run_tasks",
+    "summarize",
+]
 
 #: The mini_nightmare config's tools plus ``submit`` (listdir stays out: it apt-installs tree).
 DEFAULT_TOOLS = ("bash", "view", "pdb", "edit", "eval", "submit")
@@ -47,9 +60,19 @@ RUN_TIMEOUT_S = 30
 LLMFactory = Callable[[str, DebugGymLogger], LLM]
 
 
+def _policy_label(policy: PolicyLike | str) -> str:
+    return policy if isinstance(policy, str) else repr(policy)
+
+
+def resolve_policy(policy: PolicyLike | str) -> Policy:
+    """A policy object (or plain function) as is; a name through
+    :func:`~leyline.middleware.named_policy` (``ValueError`` lists :data:`POLICY_NAMES`)."""
+    return named_policy(policy) if isinstance(policy, str) else as_policy(policy)
+
+
 def run_task(
     task: str,
-    policy_name: str,
+    policy: PolicyLike | str,
     llm: LLM,
     max_steps: int,
     out_dir: Path,
@@ -68,10 +91,10 @@ def run_task(
     )
     for tool in tools:
         env.add_tool(Toolbox.get_tool(tool))
-    agent_args: dict[str, Any] = {"max_steps": max_steps, "policy": policy_name}
+    agent_args: dict[str, Any] = {"max_steps": max_steps}
     if system_prompt is not None:
         agent_args["system_prompt"] = system_prompt
-    agent = LeylineFroggyAgent(agent_args, llm=llm, logger=logger)
+    agent = LeylineFroggyAgent(agent_args, llm=llm, logger=logger, policy=resolve_policy(policy))
     t0 = time.perf_counter()
     error: str | None = None
     try:
@@ -94,7 +117,7 @@ def run_task(
     )
     return {
         "task": task,
-        "policy": policy_name,
+        "policy": _policy_label(policy),
         "solved": resolved and error is None,
         "score": score,
         "max_score": max_score,
@@ -109,7 +132,7 @@ def run_task(
 
 def run_tasks(
     tasks: Sequence[str],
-    policy_name: str,
+    policy: PolicyLike | str,
     llm: LLMFactory,
     max_steps: int,
     out_dir: Path,
@@ -118,9 +141,12 @@ def run_tasks(
     system_prompt: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every task with a fresh LLM from ``llm(task, logger)``; one result row per task."""
-    if policy_name not in POLICY_NAMES:
-        raise ValueError(f"unknown policy {policy_name!r}; choose one of {POLICY_NAMES}")
+    """Run every task with a fresh LLM from ``llm(task, logger)``; one result row per task.
+
+    ``policy``: a policy object, a plain function or a :data:`POLICY_NAMES` name.
+    """
+    resolve_policy(policy)  # an unknown name fails here, before any task is prepared
+    label = _policy_label(policy)
     unknown = sorted(set(tasks) - set(MiniNightmareEnv.TASK_NAMES))
     if unknown:
         raise ValueError(
@@ -133,7 +159,7 @@ def run_tasks(
         logger = DebugGymLogger(task, log_dir=str(out_dir / task), level=logging.WARNING, mode="w")
         row = run_task(
             task,
-            policy_name,
+            policy,
             llm(task, logger),
             max_steps,
             out_dir,
@@ -143,7 +169,7 @@ def run_tasks(
         )
         rows.append(row)
         say(
-            f"[{policy_name} {n}/{len(tasks)}] {task}: {'solved' if row['solved'] else 'unsolved'}"
+            f"[{label} {n}/{len(tasks)}] {task}: {'solved' if row['solved'] else 'unsolved'}"
             f" in {row['steps']} steps, {row['prompt_tokens']} prompt tokens, {row['wall_s']:.1f} s"
         )
     return rows
@@ -211,7 +237,11 @@ def _factory(args: argparse.Namespace) -> LLMFactory:
             api_key=args.api_key,
             logger=logger,
             stream=args.stream,
-            generate_kwargs={"temperature": args.temperature, "max_tokens": args.max_tokens},
+            generate_kwargs={
+                "temperature": args.temperature,
+                "max_tokens": args.max_tokens,
+                "seed": args.seed,
+            },
         )
 
     return endpoint
@@ -233,6 +263,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=1024, help="completion tokens per step")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="sampling seed sent with every request (--llm openai)"
+    )
     p.add_argument("--stream", action="store_true", help="stream responses (measures TTFT)")
     p.add_argument("--out", type=Path, required=True, help="folder for results.json and logs")
     return p
@@ -260,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "endpoint": args.endpoint,
         "model": args.model,
         "max_steps": args.max_steps,
+        "seed": args.seed,
         "summary": summarize(rows),
         "results": rows,
     }

@@ -18,6 +18,12 @@ a dict, or the final chunk's ``chunk.leyline`` when streaming); the wrapper pars
 >>> client.totals.requests
 0
 
+A policy may also be a plain function ``messages -> messages`` (its edits get
+``default_mode``), and ``default_mode`` is the mode of every edit no policy marks, pure deletions
+included (:attr:`leyline.Mode.AMORTIZE` unless set)::
+
+    client = leyline.wrap(raw, policy=lambda messages: messages[-20:], default_mode=Mode.FORGET)
+
 One wrapped client is one conversation (one session): wrap a client per agent trajectory, and
 do not share one between concurrent conversations.
 """
@@ -29,8 +35,9 @@ from typing import Any, Generic, TypeVar
 import openai
 
 from leyline.accounting import Accounting
+from leyline.directives import Mode
 from leyline.middleware.conversation import Conversation, asend, send
-from leyline.middleware.policies import Policy
+from leyline.middleware.policies import Policy, PolicyLike, as_policy
 from leyline.session import Session
 
 __all__ = ["WrappedClient", "wrap"]
@@ -39,21 +46,26 @@ ClientT = TypeVar("ClientT", openai.OpenAI, openai.AsyncOpenAI)
 
 
 def wrap(
-    client: ClientT, policy: Policy | None = None, session: Session | None = None
+    client: ClientT,
+    policy: PolicyLike | None = None,
+    session: Session | None = None,
+    *,
+    default_mode: Mode | str = Mode.AMORTIZE,
 ) -> WrappedClient[ClientT]:
     """Wrap an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client (see the module docstring).
 
-    ``policy`` defaults to :class:`~leyline.middleware.KeepAll`; ``session`` to a new
-    :class:`leyline.Session`.
+    ``policy`` (a :class:`~leyline.middleware.Policy` or a function ``messages -> messages``)
+    defaults to :class:`~leyline.middleware.KeepAll`; ``session`` to a new
+    :class:`leyline.Session`; ``default_mode`` is the mode of edits no policy marks (deletions
+    included).
     """
     if not isinstance(client, openai.OpenAI | openai.AsyncOpenAI):
         raise TypeError(
             f"leyline.wrap expects an openai.OpenAI or openai.AsyncOpenAI client, "
             f"got {type(client).__name__}"
         )
-    if policy is not None and not isinstance(policy, Policy):
-        raise TypeError(f"policy must be a leyline.middleware.Policy, got {type(policy).__name__}")
-    return WrappedClient(client, Conversation(policy, session))
+    conversation = Conversation(as_policy(policy), session, default_mode=default_mode)
+    return WrappedClient(client, conversation)
 
 
 class WrappedClient(Generic[ClientT]):
@@ -76,16 +88,18 @@ class WrappedClient(Generic[ClientT]):
 
     @property
     def policy(self) -> Policy:
-        """The history policy; assigning a new one makes the next request's edits directives."""
+        """The history policy; assigning a new one (a ``Policy`` or a plain function) makes the
+        next request's edits directives."""
         return self._conversation.policy
 
     @policy.setter
-    def policy(self, policy: Policy) -> None:
-        if not isinstance(policy, Policy):
-            raise TypeError(
-                f"policy must be a leyline.middleware.Policy, got {type(policy).__name__}"
-            )
-        self._conversation.policy = policy
+    def policy(self, policy: PolicyLike) -> None:
+        self._conversation.policy = as_policy(policy)
+
+    @property
+    def default_mode(self) -> Mode:
+        """The mode of edits no policy marks (pure deletions included)."""
+        return self._conversation.default_mode
 
     @property
     def session(self) -> Session:

@@ -5,11 +5,70 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from leyline.evals.cli import main
+import leyline.evals.debug_gym_env as env_module
+from leyline.evals import debug_gym
+from leyline.evals.cli import main, parser
 from leyline.evals.debug_gym_env import dataset_available
+
+
+def _no_environment(*args: Any, **kwargs: Any) -> Path:
+    raise AssertionError("the environment was prepared")
+
+
+def test_policy_names_match_help_and_are_checked_before_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(env_module, "prepare_env", _no_environment)
+    with pytest.raises(SystemExit):
+        main(["debug-gym", "--help"])
+    assert "truncate_older_than" in capsys.readouterr().out  # named by --help, and accepted:
+    assert parser().parse_args(["debug-gym", "--policy", "truncate_older_than"]).policy
+    # argparse refuses an unknown name before anything runs, listing the valid ones
+    with pytest.raises(SystemExit) as exc:
+        main(["debug-gym", "--llm", "scripted", "--policy", "truncate_old", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'truncate_old'" in err and "drop_failed" in err
+    # a caller that builds its own Namespace gets the same check, also before the environment
+    args = parser().parse_args(["debug-gym", "--llm", "scripted", "--out", str(tmp_path)])
+    args.policy = ["keep_all", "nope"]
+    assert debug_gym.run(args) == 2
+    assert "unknown policy 'nope'" in capsys.readouterr().out
+
+
+def test_seed_policy_and_venv_reach_the_runner(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    specs: list[env_module.DebugGymEnvSpec] = []
+    calls: list[dict[str, Any]] = []
+
+    def prepare(spec: env_module.DebugGymEnvSpec, **kwargs: Any) -> Path:
+        specs.append(spec)
+        return Path("/venv/bin/python")
+
+    def run_arm(python: Path, **kwargs: Any) -> dict[str, Any]:
+        calls.append(kwargs)
+        summary = {k: 0 for k in ("solved", "tasks", "mean_steps", "prompt_tokens_per_step")}
+        summary |= dict.fromkeys(
+            ("solve_rate", "cached_tokens_per_step", "spliced_per_step", "recomputed_per_step"),
+            None,
+        )
+        summary |= {"directives_per_step": None, "ttft_p50_s": None}
+        return {"summary": summary, "kind": "replay", "note": "replay"}
+
+    monkeypatch.setattr(env_module, "prepare_env", prepare)
+    monkeypatch.setattr(env_module, "run_debug_gym", run_arm)
+    monkeypatch.setattr(debug_gym, "bar_chart", lambda *a, **k: None)
+    argv = ["debug-gym", "--llm", "scripted", "--policy", "truncate_older_than"]
+    argv += ["--policy", "drop_failed", "--seed", "5", "--debug-gym-venv", str(tmp_path / "v")]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    assert [c["policy"] for c in calls] == ["truncate_older_than", "drop_failed"]
+    assert {c["seed"] for c in calls} == {5}
+    assert [s.venv for s in specs] == [tmp_path / "v"]
 
 
 @pytest.mark.slow

@@ -5,8 +5,10 @@ real LangGraph react agent."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -131,3 +133,23 @@ def test_langgraph_react_agent_keeps_one_session_per_thread(srv: RunningServer) 
     assert totals.requests == 2
     last = model.last_accounting("t1")
     assert last is not None and last.exact > 50  # the second turn extended the first's cache
+
+
+@pytest.mark.parametrize("policy", ["truncate", "drop_failed"])
+def test_example_tool_loop_scripted_shows_applied_directives(
+    srv: RunningServer, policy: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """examples/openai_tool_loop.py --scripted on the engine (tiny-llama never calls tools):
+    the SCRIPTED tool calls make the policy edit, and the engine reports the directives applied."""
+    path = Path(__file__).parents[2] / "examples" / "openai_tool_loop.py"
+    spec = importlib.util.spec_from_file_location("_example_openai_tool_loop", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    argv = ["--base-url", srv.base_url, "--model", srv.model, "--scripted", "--policy", policy]
+    assert example.main(argv) == 0
+    out = capsys.readouterr().out
+    applied = [line for line in out.splitlines() if "directives=['applied']" in line]
+    assert applied, out
+    if policy == "truncate":  # the outputs after the cut one keep their KV: spliced
+        assert all("spliced=0 " not in line for line in applied), out

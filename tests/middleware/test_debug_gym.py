@@ -20,6 +20,7 @@ from stub_server import Reply, StubOpenAIServer
 from leyline.evals.debug_gym_env import (
     DATA_MARKER,
     DebugGymEnvSpec,
+    checkout_key,
     copy_dataset,
     dataset_available,
     find_dataset,
@@ -80,13 +81,34 @@ def test_spec_validates_and_command_carries_every_option(tmp_path: Path) -> None
         endpoint="http://127.0.0.1:1/v1",
         model="m",
         max_steps=7,
+        seed=11,
         stream=True,
     )
     assert cmd[:3] == ["/v/bin/python", "-m", "leyline.middleware.debug_gym_run"]
     joined = " ".join(cmd)
-    for part in ("--policy truncate", "--llm openai", "--tasks purr,config", "--max-steps 7"):
+    for part in (
+        "--policy truncate",
+        "--llm openai",
+        "--tasks purr,config",
+        "--max-steps 7",
+        "--seed 11",
+    ):
         assert part in joined
     assert cmd[-1] == "--stream"
+
+
+def test_venv_is_keyed_by_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two checkouts never share (and re-link) one venv; an explicit folder still wins."""
+    monkeypatch.setenv("LEYLINE_CACHE_DIR", str(tmp_path / "cache"))
+    roots = [tmp_path / "a" / "leyline", tmp_path / "b" / "leyline"]
+    for root in roots:
+        root.mkdir(parents=True)
+        (root / "pyproject.toml").write_text("[project]\nname = 'leyline'\n")
+    venvs = [DebugGymEnvSpec(project_root=root).venv for root in roots]
+    assert venvs[0] != venvs[1] and all(v.parent == tmp_path / "cache" for v in venvs)
+    assert venvs[0].name == f"debug-gym-venv-{checkout_key(roots[0])}"
+    assert DebugGymEnvSpec(project_root=roots[0]).venv == venvs[0]  # stable
+    assert DebugGymEnvSpec(venv_dir=tmp_path / "mine").venv == tmp_path / "mine"
 
 
 # -- slow: the 3.12 venv ---------------------------------------------------------------------
@@ -153,10 +175,12 @@ def test_leyline_openai_llm_sends_session_payload_with_directives(
         endpoint=stub.base_url,
         model="stub-model",
         max_steps=10,
+        seed=7,
         timeout=300,
     )
     row = result["results"][0]
     assert result["kind"] == "model" and row["solved"], row
+    assert result["seed"] == 7 and all(b["seed"] == 7 for b in stub.requests)  # --seed is used
     bodies = stub.bodies_with_leyline
     assert len(bodies) == len(stub.requests) == row["steps"] >= 5
     payloads = [b["leyline"] for b in bodies]
@@ -276,3 +300,84 @@ def test_agent_works_around_debug_gym_1_3_0_bugs(venv_python: Path, tmp_path: Pa
     assert token_cut["solved"] and max(token_cut["sizes"]) < 2 + 2 * token_cut["steps"]
     # an unresolved submit ends the episode (1.3.0 ran on to max_steps)
     assert early == {**early, "solved": False, "stop": "submitted", "steps": 2}
+
+
+DROP_FAILED_CHECK = r"""
+import json, sys
+from pathlib import Path
+from leyline import Mode
+from leyline.middleware.debug_gym_llm import Script, ScriptStep, ScriptedLLM, load_script
+from leyline.middleware.debug_gym_run import run_tasks
+from leyline.middleware.policies import DropFailedToolCalls
+
+out, endpoint = Path(sys.argv[1]), sys.argv[2]
+try:
+    run_tasks(["purr"], "truncate_old", lambda task, logger: None, 5, out / "never")
+except ValueError as exc:
+    print("BADNAME " + json.dumps(str(exc)))
+print("PREPARED " + json.dumps((out / "never").exists()))
+# SCRIPTED failing calls: each tool fails once (debug-gym 1.3.0's own failure texts), then works
+steps = (
+    ScriptStep("view", {"path": "nope.py"}, "View a file that is not there."),
+    ScriptStep("view", {"path": "purr_code.py"}, "Read the code."),
+    ScriptStep("bash", {"command": "ls no_such_dir"}, "A command that fails."),
+    ScriptStep("bash", {"command": "ls"}, "One that works."),
+    ScriptStep("pdb", {"command": ""}, "An empty pdb command."),
+    ScriptStep("pdb", {"command": "l"}, "List the code under pdb."),
+    ScriptStep("edit", {"path": "purr_code.py", "start": 5, "end": 2, "new_code": "x"}, "Bad."),
+    ScriptStep("listdir", {}, "A tool that is not registered."),
+    *load_script("purr").steps[3:],
+)
+llms = []
+def factory(task, logger):
+    llms.append(ScriptedLLM(Script("purr", steps), endpoint=endpoint, logger=logger))
+    return llms[-1]
+policy = DropFailedToolCalls.for_debug_gym(mode=Mode.FORGET)
+(row,) = run_tasks(["purr"], policy, factory, 30, out / "run")
+print("RESULT " + json.dumps({"row": {k: row[k] for k in ("solved", "steps", "policy")},
+                              "records": [r.as_dict() for r in llms[0].records]}))
+"""
+
+
+@pytest.mark.slow
+def test_drop_failed_drops_scripted_failing_calls(
+    venv_python: Path, tmp_path: Path, make_stub: Callable[..., StubOpenAIServer]
+) -> None:
+    """Done-when of issue 15: debug-gym with a SCRIPTED LLM whose tool calls fail (debug-gym's
+    own tools produce the failure texts): `drop_failed` sends fewer messages than the full
+    history and the requests carry directives (here FORGET, the policy object's mode)."""
+    stub = make_stub()
+    done = subprocess.run(
+        [str(venv_python), "-c", DROP_FAILED_CHECK, str(tmp_path), stub.base_url],
+        env=runner_env(venv_python),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = {
+        line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])
+        for line in done.stdout.splitlines()
+        if line.startswith(("BADNAME ", "PREPARED ", "RESULT "))
+    }
+    # an unknown name is refused before anything is prepared, with the valid names
+    assert "truncate_older_than" in lines["BADNAME"] and lines["PREPARED"] is False
+    result = lines["RESULT"]
+    assert result["row"]["solved"] and result["row"]["policy"].startswith("DropFailedToolCalls(")
+    bodies = stub.bodies_with_leyline
+    assert len(bodies) == result["row"]["steps"] >= 10
+    full = [2 + 2 * k for k in range(len(bodies))]  # what keep_all sends: system, task, steps
+    sent = [len(b["messages"]) for b in bodies]
+    assert all(s <= f for s, f in zip(sent, full, strict=True)) and sent[-1] < full[-1]
+    last = json.dumps(bodies[-1]["messages"])
+    for text in ("View failed", "Command failed", "Failure calling pdb", "Edit failed"):
+        assert text in json.dumps([b["messages"] for b in bodies]), text  # it did happen
+        assert text not in last, text  # and was dropped once retried
+    assert "Unregistered tool: listdir" in last  # never retried: kept
+    directives = [d for b in bodies for d in b["leyline"]["directives"]]
+    assert len(directives) >= 4 and {d["mode"] for d in directives} == {"forget"}
+    records = result["records"]
+    assert sum(r["directives"] for r in records) == len(directives) > 0
+    assert [r["messages"] for r in records] == sent

@@ -17,12 +17,18 @@ from stub_server import Reply, StubOpenAIServer
 import leyline
 from leyline import Accounting, Mode, Session, render_segments
 from leyline.middleware import (
+    DropFailedToolCalls,
     KeepAll,
     Redact,
     TruncateOlderThan,
     WrappedClient,
     check_valid,
     wrap,
+)
+from leyline.middleware.policies import (
+    DropReasoning,
+    FunctionPolicy,
+    looks_like_debug_gym_failure,
 )
 
 Msg = dict[str, Any]
@@ -240,7 +246,10 @@ def test_passthrough_and_validation(stub: StubOpenAIServer) -> None:
     with pytest.raises(TypeError, match=r"openai\.OpenAI"):
         wrap(object())  # type: ignore[type-var]
     with pytest.raises(TypeError, match="Policy"):
-        wrap(raw, policy=json.dumps)  # type: ignore[arg-type]
+        wrap(raw, policy="truncate")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mode"):
+        wrap(raw, default_mode="sometimes")
+    assert wrap(raw, default_mode="forget").default_mode is Mode.FORGET
 
 
 def _load_example(name: str) -> Any:
@@ -287,3 +296,146 @@ def test_history_may_hold_openai_message_objects(stub: StubOpenAIServer) -> None
     assert sent[1]["tool_calls"][0]["id"] == "call_1_0" and "refusal" not in sent[1]
     assert sent[2]["content"] == ("entry\n" * 9)[:12] + "\n[... truncated]"
     assert [d["mode"] for d in stub.requests[-1]["leyline"]["directives"]] == ["amortize"]
+
+
+# -- default_mode, per-policy modes, plain functions --------------------------------------------
+def _modes(body: dict[str, Any]) -> list[str]:
+    return [d["mode"] for d in body["leyline"]["directives"]]
+
+
+def test_default_mode_and_per_policy_modes(stub: StubOpenAIServer) -> None:
+    """Truncation unmarked follows `default_mode`; a policy's own mode wins over it."""
+    for policy, default, expected in [
+        (TruncateOlderThan(n=2, max_chars=30), Mode.AMORTIZE, "amortize"),
+        (TruncateOlderThan(n=2, max_chars=30), Mode.FORGET, "forget"),
+        (TruncateOlderThan(n=2, max_chars=30, mode=Mode.AMORTIZE), Mode.FORGET, "amortize"),
+        (TruncateOlderThan(n=2, max_chars=30, mode=Mode.FORGET), Mode.AMORTIZE, "forget"),
+    ]:
+        stub.requests.clear()
+        wrapped = wrap(_client(stub), policy=policy, default_mode=default)
+        assert wrapped.default_mode is default
+        _agent_loop(wrapped, stub, rounds=5)
+        modes = [m for body in stub.requests for m in _modes(body)]
+        assert len(modes) == 3 and set(modes) == {expected}, (policy, default)
+
+
+def test_plain_function_policy_and_its_deletions(stub: StubOpenAIServer) -> None:
+    """A function policy's edits, here pure deletions, get `default_mode`."""
+
+    def last_two_steps(messages: list[Msg]) -> list[Msg]:
+        starts = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        head = messages[:2]
+        return head + (messages[starts[-2] :] if len(starts) >= 2 else messages[2:])
+
+    for default in (Mode.AMORTIZE, Mode.FORGET):
+        stub.requests.clear()
+        wrapped = wrap(_client(stub), policy=last_two_steps, default_mode=default)
+        assert isinstance(wrapped.policy, FunctionPolicy)
+        history = _agent_loop(wrapped, stub, rounds=4)
+        for body in stub.requests:
+            n = len(body["messages"])
+            check_valid(body["messages"])
+            assert n <= 6 and body["messages"][:2] == history[:2]
+        assert len(stub.requests[-1]["messages"]) < len(history) - 1
+        modes = [m for body in stub.requests for m in _modes(body)]
+        assert modes and set(modes) == {default.value}
+    wrapped.policy = lambda messages: messages  # the setter takes functions too
+    assert isinstance(wrapped.policy, FunctionPolicy)
+
+
+def _failing_tool_history() -> list[Msg]:
+    """SCRIPTED tool calls whose outputs carry debug-gym 1.3.0's failure texts, each retried."""
+    failures = {
+        "view": "View failed. Error message:\nFailed to read `nope.py`.",
+        "edit": "Edit failed. Error message:\nInvalid line number range.\n",
+        "bash": "Command failed with output:\nls: cannot access 'x'",
+        "pdb": "Failure calling pdb:\nEmpty commands are not allowed.",
+    }
+    msgs: list[Msg] = [
+        {"role": "system", "content": "You are a debugging agent.\n" * 8},
+        {"role": "user", "content": "Fix the bug in purr_code.py."},
+    ]
+    for tool, failure in failures.items():
+        for attempt, output in enumerate([failure, f"{tool} ok\n" * 20]):
+            cid = f"{tool}_{attempt}"
+            call = {"id": cid, "type": "function",
+                    "function": {"name": tool, "arguments": '{"path": "purr_code.py"}'}}  # fmt: skip
+            msgs.append({"role": "assistant", "content": f"try {tool}", "tool_calls": [call]})
+            msgs.append({"role": "tool", "tool_call_id": cid, "name": tool, "content": output})
+    return msgs
+
+
+@pytest.mark.parametrize("mode", [None, Mode.FORGET])
+def test_drop_failed_debug_gym_texts_send_fewer_messages_with_directives(
+    stub: StubOpenAIServer, mode: Mode | None
+) -> None:
+    """The policy + `leyline.wrap` path of a debug-gym run: every request sends the history so
+    far; once a failed call is retried, it is dropped and the drop is a directive."""
+    history = _failing_tool_history()
+    policy = DropFailedToolCalls.for_debug_gym(mode=mode)
+    wrapped = wrap(_client(stub), policy=policy)
+    ends = [i for i in range(3, len(history) + 1) if history[i - 1]["role"] == "tool"]
+    for end in ends:
+        wrapped.chat.completions.create(model="m", messages=history[:end])
+    sent = [body["messages"] for body in stub.requests]
+    assert len(sent[-1]) < len(history)
+    assert not any(m.get("content", "").startswith("View failed") for m in sent[-1])
+    directives = [d for body in stub.requests for d in body["leyline"]["directives"]]
+    assert len(directives) == 4  # one per retried failure
+    assert {d["mode"] for d in directives} == {(mode or Mode.AMORTIZE).value}
+    # each directive removes a failed call and its error from the version before
+    for prev, body in zip(stub.requests, stub.requests[1:], strict=False):
+        for d in body["leyline"]["directives"]:
+            gone = [prev["messages"][b] for b in _touched_base_messages(prev["messages"], d)]
+            assert any(looks_like_debug_gym_failure(m["content"]) for m in gone)
+    assert wrapped.last_accounting is not None and wrapped.totals.spliced == 3 * 4
+    # the generic failure test does not know these texts: nothing dropped, no directive
+    stub.requests.clear()
+    plain = wrap(_client(stub), policy=DropFailedToolCalls())
+    for end in ends:
+        plain.chat.completions.create(model="m", messages=history[:end])
+    assert stub.requests[-1]["messages"] == history
+    assert not any(body["leyline"]["directives"] for body in stub.requests)
+
+
+def test_drop_reasoning_is_amortized(stub: StubOpenAIServer) -> None:
+    wrapped = wrap(_client(stub), policy=DropReasoning(n=1))
+    history: list[Msg] = [{"role": "user", "content": "go"}]
+    for k in range(3):
+        wrapped.chat.completions.create(model="m", messages=history)
+        history.append(
+            {
+                "role": "assistant",
+                "content": f"<think>{'consider ' * 40}{k}</think>\nanswer {k}",
+                "reasoning_content": "hidden",
+            }
+        )
+        history.append({"role": "user", "content": f"next {k}"})
+    wrapped.chat.completions.create(model="m", messages=history)
+    last = stub.requests[-1]["messages"]
+    assert [m["content"] for m in last if m["role"] == "assistant"] == [
+        "answer 0",
+        "answer 1",
+        history[-2]["content"],
+    ]
+    assert "reasoning_content" in last[-2] and "reasoning_content" not in last[1]
+    assert _modes(stub.requests[2]) == _modes(stub.requests[3]) == ["amortize"]
+
+
+def test_example_tool_loop_scripted(
+    stub: StubOpenAIServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--scripted`: the example's own scripted tool calls, whatever the server answers."""
+    example = _load_example("openai_tool_loop")
+    argv = ["--base-url", stub.base_url, "--model", "stub", "--scripted", "--policy", "drop_failed"]
+    assert example.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "SCRIPTED" in out and out.count("  request ") == 8
+    assert all(body["max_tokens"] == 1 for body in stub.requests)
+    # the failed read (tokenize.py) is dropped once tokenizer.py was read
+    assert [len(b["leyline"]["directives"]) for b in stub.requests] == [0] * 5 + [1, 0, 0]
+    (directive,) = stub.requests[5]["leyline"]["directives"]
+    gone = _touched_base_messages(stub.requests[4]["messages"], directive)
+    assert any("Errno 2" in str(stub.requests[4]["messages"][b]["content"]) for b in gone)
+    assert "Errno 2" not in json.dumps(stub.requests[5]["messages"])
+    assert "directives=['applied']" in out

@@ -14,11 +14,22 @@ from leyline.middleware import (
     DropFailedToolCalls,
     KeepAll,
     LastNObservations,
+    Policy,
+    PolicyResult,
     Redact,
     TruncateOlderThan,
     check_valid,
+    looks_like_error,
     orphan_tool_messages,
     turn_of,
+)
+from leyline.middleware.policies import (
+    POLICY_NAMES,
+    DropReasoning,
+    FunctionPolicy,
+    as_policy,
+    looks_like_debug_gym_failure,
+    named_policy,
 )
 
 Msg = dict[str, Any]
@@ -82,6 +93,7 @@ ALL = [
     LastNObservations(n=3),
     Redact(r"line 1\d"),
     DropFailedToolCalls() | TruncateOlderThan(n=2, max_chars=50) | Redact(r"y{30,}"),
+    DropFailedToolCalls.for_debug_gym(mode=Mode.FORGET) | DropReasoning(n=0),
 ]
 
 
@@ -312,3 +324,204 @@ def test_drop_failed_only_ever_drops_more(seed: int) -> None:
         assert kept_next <= kept_now
         grew += kept_next < kept_now
     assert grew >= 1
+
+
+# -- modes, plain functions, debug-gym failures, reasoning -------------------------------------
+_EDITING = [
+    lambda mode: TruncateOlderThan(n=1, max_chars=20, mode=mode),
+    lambda mode: LastNObservations(n=1, mode=mode),
+    lambda mode: Redact(r"line 1\d", mode=mode),
+    lambda mode: DropFailedToolCalls(same_tool=False, mode=mode),
+    lambda mode: DropReasoning(n=1, mode=mode),
+]
+
+
+def _with_reasoning(msgs: list[Msg]) -> list[Msg]:
+    """Every assistant message thinks: a reasoning field and a <think> block before its text."""
+    out = []
+    for i, m in enumerate(msgs):
+        if m["role"] == "assistant":
+            m = {**m, "reasoning_content": f"why {i}\n" * 3}
+            m["content"] = f"<think>plan {i}\nstep by step</think>\n\n{m.get('content') or ''}"
+        out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("make", _EDITING, ids=lambda make: type(make(None)).__name__)
+def test_every_editing_policy_takes_a_mode(make: Any) -> None:
+    msgs = _with_reasoning(_trajectory(3, turns=6))
+    unmarked = make(None).apply(msgs)
+    assert unmarked.forget == unmarked.amortize == frozenset() and not unmarked.dropped
+    edited = {j for j, src in enumerate(unmarked.sources) if unmarked.messages[j] != msgs[src]}
+    removed = len(msgs) - len(unmarked.messages)
+    assert edited or removed
+    for mode, marks in [(Mode.FORGET, "forget"), (Mode.AMORTIZE, "amortize")]:
+        out = make(mode).apply(msgs)
+        assert out.messages == unmarked.messages and out.sources == unmarked.sources
+        assert getattr(out, marks) == edited
+        assert {m for _, m in out.dropped} <= {mode} and len(out.dropped) == removed
+        assert make(mode.value) == make(mode)  # the mode's value string is accepted
+    with pytest.raises(ValueError, match="mode must be"):
+        make("sometimes")
+
+
+def test_forget_flag_is_mode_forget() -> None:
+    assert TruncateOlderThan(forget=True) == TruncateOlderThan(mode=Mode.FORGET)
+    assert TruncateOlderThan(mode=Mode.FORGET).forget is True
+    assert LastNObservations(forget=True).mode is Mode.FORGET
+    with pytest.raises(ValueError, match="contradicts"):
+        TruncateOlderThan(forget=True, mode=Mode.AMORTIZE)
+    assert Redact("x").mode is Mode.FORGET  # redaction stays exact unless asked otherwise
+    assert Redact("x", mode=None).apply([{"role": "user", "content": "x"}]).forget == frozenset()
+
+
+# debug-gym 1.3.0's failure texts, as its tools and env word them (one per failing tool)
+DEBUG_GYM_FAILURES = {
+    "view": "View failed. Error message:\nFailed to read `nope.py` because it does not exist.",
+    "edit": "Edit failed. Error message:\nInvalid line number range.\n",
+    "listdir": "Unregistered tool: listdir",
+    "bash": "Command failed with output:\nls: cannot access 'x': No such file or directory",
+    "pdb": "Failure calling pdb:\nEmpty commands are not allowed.",
+}
+
+
+def _debug_gym_history() -> list[Msg]:
+    """A SCRIPTED debug-gym-style history: each tool fails once, then (but listdir) succeeds."""
+    msgs: list[Msg] = [
+        {"role": "system", "content": "You are a debugging agent."},
+        {"role": "user", "content": "Fix purr."},
+    ]
+    for k, (tool, failure) in enumerate(DEBUG_GYM_FAILURES.items()):
+        for attempt, output in enumerate([failure, f"{tool} worked"]):
+            if tool == "listdir" and attempt:
+                continue
+            cid = f"{tool}{attempt}"
+            msgs.append({"role": "assistant", "content": "", "tool_calls": [_call(cid, tool, k=k)]})
+            msgs.append({"role": "tool", "tool_call_id": cid, "name": tool, "content": output})
+    return msgs
+
+
+def test_debug_gym_failure_texts_are_failures() -> None:
+    for text in DEBUG_GYM_FAILURES.values():
+        assert looks_like_debug_gym_failure(text) and looks_like_debug_gym_failure("\n " + text)
+        assert not looks_like_error(text)  # why the debug-gym preset exists
+    assert looks_like_debug_gym_failure("Error while using tool view with action: ...")
+    assert not looks_like_debug_gym_failure("Viewing `purr_code.py`, lines 1-52 of 52")
+    msgs = _debug_gym_history()
+    assert DropFailedToolCalls().apply(msgs).messages == tuple(msgs)  # the generic test misses
+    out = DropFailedToolCalls.for_debug_gym().apply(msgs)
+    check_valid(out.messages)
+    texts = [m["content"] for m in out.messages]
+    for tool, failure in DEBUG_GYM_FAILURES.items():
+        # a retried failure goes; the unregistered tool was never retried, so it stays
+        assert (failure in texts) == (tool == "listdir"), tool
+    assert len(out.messages) == len(msgs) - 8
+    assert named_policy("drop_failed") == DropFailedToolCalls.for_debug_gym()
+
+
+def test_drop_reasoning_keeps_the_last_turns() -> None:
+    msgs = _with_reasoning(_trajectory(4, turns=5))
+    policy = DropReasoning(n=2)
+    out = policy.apply(msgs)
+    check_valid(out.messages)
+    assistants = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    for i, (before, after) in enumerate(zip(msgs, out.messages, strict=True)):
+        if i in assistants[:-2]:
+            assert "reasoning_content" not in after and "<think>" not in after["content"]
+            assert after["content"] == (before["content"].split("</think>\n\n")[1])
+            assert after.get("tool_calls") == before.get("tool_calls")
+        else:
+            assert after == before
+    assert policy.apply(list(out.messages)).messages == out.messages  # idempotent
+    assert policy.apply(msgs) == out
+    # text parts, an unclosed block (left alone), n=0, and the text left alone with tag=None
+    parts = [
+        {"role": "assistant", "content": [{"type": "text", "text": "<think>a</think>b"}]},
+        {"role": "assistant", "content": "<think>unfinished", "reasoning": "r"},
+    ]
+    dropped = DropReasoning(n=0).apply(parts).messages
+    assert dropped == ({"role": "assistant", "content": [{"type": "text", "text": "b"}]},
+                       {"role": "assistant", "content": "<think>unfinished"})  # fmt: skip
+    assert DropReasoning(n=0, tag=None).apply(parts).messages[0] == parts[0]
+    for bad in [{"n": -1}, {"tag": "<think>"}, {"fields": "reasoning"}]:
+        with pytest.raises(ValueError):
+            DropReasoning(**bad)
+
+
+def test_drop_reasoning_edit_is_a_directive() -> None:
+    """Removing a <think> block from an older answer is one edit of that message."""
+    msgs = _with_reasoning(_trajectory(6, turns=3))
+    session = Session()
+    first = msgs[: len(msgs) - 1]
+    session.commit(session.prepare(DropReasoning(n=3).apply(first).messages))
+    out = DropReasoning(n=1).apply(msgs)
+    prep = session.prepare(out.messages, forget=out.forget)
+    touched = {prep.segments[j].message for d in prep.directives for j in range(*d.replacement)}
+    edited = {i for i, m in enumerate(out.messages) if m != msgs[i]}
+    assert prep.directives and touched <= edited
+
+
+def _drop_old_tool_outputs(messages: list[Msg]) -> list[Msg]:
+    """A plain policy function: old tool outputs become a marker (and it mutates its input)."""
+    tools = [i for i, m in enumerate(messages) if m["role"] == "tool"]
+    for i in tools[:-1]:
+        messages[i]["content"] = "[gone]"
+    return messages
+
+
+def test_plain_functions_are_policies() -> None:
+    msgs = _trajectory(9, turns=4)
+    snapshot = json.dumps(msgs)
+    policy = as_policy(_drop_old_tool_outputs)
+    assert isinstance(policy, FunctionPolicy) and as_policy(policy) is policy
+    out = policy.apply(msgs)
+    assert json.dumps(msgs) == snapshot  # the function got a copy
+    assert out.sources == tuple(range(len(msgs))) and out.forget == out.amortize == frozenset()
+    assert [m["content"] for m in out.messages if m["role"] == "tool"][:-1] == ["[gone]"] * (
+        sum(m["role"] == "tool" for m in msgs) - 1
+    )
+
+    # removals are aligned back to their inputs, so marks survive composition either way round
+    def no_user(messages: list[Msg]) -> list[Msg]:
+        return [m for m in messages if m["role"] != "user"]
+
+    for composed in (Redact(r"line 1\d") | no_user, Compose(Redact(r"line 1\d"), no_user)):
+        step = composed.apply(msgs)
+        assert step.sources == tuple(i for i, m in enumerate(msgs) if m["role"] != "user")
+        redacted = Redact(r"line 1\d").apply(msgs).forget
+        assert {step.sources[j] for j in step.forget} == redacted - {
+            i for i, m in enumerate(msgs) if m["role"] == "user"
+        }
+    assert (no_user | KeepAll()).policies[0] == FunctionPolicy(no_user)
+    for bad in ["truncate", None, 3]:
+        with pytest.raises(TypeError):
+            Compose(bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Policy or a function"):
+        as_policy("truncate")  # type: ignore[arg-type]
+    for wrong in (lambda m: "text", lambda m: [{"content": "no role"}], lambda m: {"role": "x"}):
+        with pytest.raises(TypeError, match="policy function"):
+            as_policy(wrong).apply(msgs)
+
+
+def test_named_policies() -> None:
+    for name in POLICY_NAMES:
+        assert isinstance(named_policy(name), Policy)
+    assert named_policy("truncate_older_than") == TruncateOlderThan(n=2, max_chars=200)
+    with pytest.raises(ValueError, match="keep_all, truncate, truncate_older_than"):
+        named_policy("truncate_old")
+
+
+def test_compose_carries_amortize_and_dropped() -> None:
+    msgs = _debug_gym_history()
+    policy = DropFailedToolCalls.for_debug_gym(mode=Mode.FORGET) | TruncateOlderThan(
+        n=1, max_chars=5, mode=Mode.AMORTIZE
+    )
+    out = policy.apply(msgs)
+    assert len(out.dropped) == 8 and {m for _, m in out.dropped} == {Mode.FORGET}
+    assert {m["content"] for m, _ in out.dropped if m["role"] == "tool"} == {
+        f for t, f in DEBUG_GYM_FAILURES.items() if t != "listdir"
+    }
+    truncated = {j for j, m in enumerate(out.messages) if str(m.get("content")).endswith("]")}
+    assert truncated and out.amortize == truncated and out.forget == frozenset()
+    with pytest.raises(ValueError, match=r"leyline\.Mode"):
+        PolicyResult((), dropped=(({"role": "user"}, "forget"),))  # type: ignore[arg-type]
