@@ -1,4 +1,14 @@
-"""LangGraph / LangChain adapter: a chat model that puts a policy and Leyline sessions under an agent.
+"""LangGraph / LangChain adapter (deprecated): a chat model that puts a policy and Leyline
+sessions under an agent.
+
+Deprecated: use :class:`leyline.middleware.langchain.LeylineMiddleware` with
+``langchain.agents.create_agent(model, tools, middleware=[..., LeylineMiddleware()])``. It goes
+through LangChain's public middleware hooks instead of two private ``ChatOpenAI`` methods, keys
+sessions by thread *and* calling node (here a ``SummarizationMiddleware`` whose summarizer is
+this model sends its requests into the agent's session, and the agent's next call is diffed
+against the summary prompt), and leaves history edits to LangChain's own middleware
+(``ContextEditingMiddleware``, ``SummarizationMiddleware``, ``PIIMiddleware``). ``leyline_model``
+keeps working and warns with a ``DeprecationWarning``.
 
 Integration point: the chat model. ``leyline_model(ChatOpenAI(...), policy=...)`` returns a
 LangChain ``BaseChatModel`` that any LangGraph agent takes where it takes ``ChatOpenAI``::
@@ -32,6 +42,7 @@ Completions API is supported (not ``ChatOpenAI(use_responses_api=True)``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -68,11 +79,24 @@ def thread_id_of(config: RunnableConfig | None = None) -> str | None:
 def leyline_model(chat_model: ChatOpenAI, policy: Policy | None = None) -> LeylineChatModel:
     """Wrap a ``ChatOpenAI`` so its calls go through ``policy`` and one session per thread id.
 
+    Deprecated: use ``create_agent(model, tools, middleware=[LeylineMiddleware()])``
+    (:mod:`leyline.middleware.langchain`); this warns with a ``DeprecationWarning``.
+
+    >>> import warnings
     >>> from langchain_openai import ChatOpenAI
-    >>> m = leyline_model(ChatOpenAI(model="m", base_url="http://127.0.0.1:1/v1", api_key="x"))
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore", DeprecationWarning)
+    ...     m = leyline_model(ChatOpenAI(model="m", base_url="http://127.0.0.1:1/v1", api_key="x"))
     >>> m.totals("thread-1").requests
     0
     """
+    warnings.warn(
+        "leyline_model is deprecated: use leyline.middleware.langchain.LeylineMiddleware with "
+        "langchain.agents.create_agent(model, tools, middleware=[LeylineMiddleware()]) "
+        "(pip install 'leyline[langchain]')",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return LeylineChatModel(chat_model=chat_model, policy=policy or KeepAll())
 
 
