@@ -42,6 +42,7 @@ __all__ = [
     "Status",
     "TokenCounts",
     "ignored_all",
+    "session_key",
     "usage_details",
 ]
 
@@ -226,7 +227,7 @@ class Payload:
         ``prompt_cache_key`` and no payload gets the exact server-diff payload (FORGET: the
         session's cache is kept for it, nothing approximate is served)."""
         key = body.get("prompt_cache_key")
-        session = _session_key(key) if isinstance(key, str) and key else None
+        session = session_key(key) if isinstance(key, str) and key else None
         top = body.get(PAYLOAD_KEY)
         custom = cls.from_custom_params(body.get("custom_params"), session=session)
         if top is None and custom is None and session is not None:
@@ -362,7 +363,7 @@ def ignored_all(count: int, reason: str) -> tuple[DirectiveOutcome, ...]:
     return tuple(DirectiveOutcome(i, Status.IGNORED, reason, 0) for i in range(count))
 
 
-def _session_key(key: str) -> str:
+def session_key(key: str) -> str:
     """A session id for an OpenAI ``prompt_cache_key`` (kept when it already is a valid id)."""
     if SESSION_ID.match(key):
         return key
