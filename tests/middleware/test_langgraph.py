@@ -172,29 +172,3 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     assert spec is not None and spec.loader is not None
     with pytest.raises(MissingExtraError, match=r"leyline\[langgraph\]"):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
-
-
-def test_example_langgraph_agent_runs(
-    stub: StubOpenAIServer, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = Path(__file__).parents[2] / "examples" / "langgraph_agent.py"
-    spec = importlib.util.spec_from_file_location("_example_langgraph_agent", path)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    stub.queue(
-        Reply(None, (("list_inventory", {}),)),
-        Reply("item-000 is low"),
-        Reply(None, (("restock", {"name": "item-001", "amount": 10}),)),
-        Reply("done"),
-        Reply(None, (("restock", {"name": "item-000", "amount": 20}),)),
-        Reply("all done"),
-    )
-    with pytest.warns(DeprecationWarning, match="LeylineMiddleware"):  # the example predates it
-        assert example.main(["--base-url", stub.base_url, "--model", "stub", "--thread", "x"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("model call:") == 6 and "thread x: 6 accounted requests" in out
-    # at the 4th call the inventory listing becomes older than two turns: one AMORTIZE directive
-    modes = [[d["mode"] for d in b["leyline"]["directives"]] for b in stub.requests]
-    assert modes == [[], [], [], ["amortize"], [], []]
-    assert stub.requests[3]["messages"][2]["content"].endswith("[... truncated]")
