@@ -29,7 +29,7 @@ from typing import Any
 import openai
 
 from leyline.accounting import Accounting
-from leyline.directives import Mode
+from leyline.directives import Mode, parse_mode
 from leyline.middleware.messages import Message, as_message_dicts
 from leyline.middleware.policies import Policy, PolicyLike, PolicyResult, as_policy
 from leyline.protocol import PAYLOAD_KEY
@@ -154,13 +154,8 @@ class Conversation:
     ) -> None:
         self._policy: Policy = as_policy(policy)
         self.session = session if session is not None else Session()
-        try:
-            #: Mode of edits the policy does not mark (pure deletions included).
-            self.default_mode = Mode(default_mode)
-        except ValueError:
-            raise ValueError(
-                f"default_mode must be leyline.Mode.AMORTIZE or Mode.FORGET, got {default_mode!r}"
-            ) from None
+        #: Mode of edits the policy does not mark (pure deletions included).
+        self.default_mode = parse_mode(default_mode, name="default_mode")
         #: False once a server refused the ``leyline`` field: requests go without it.
         self.leyline_enabled = leyline
         self.last_accounting: Accounting | None = None

@@ -77,7 +77,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test with the im
     raise MissingExtraError("leyline.middleware.langchain", "langchain", exc) from exc
 
 from leyline.accounting import Accounting
-from leyline.directives import Mode
+from leyline.directives import Mode, parse_mode
 from leyline.protocol import PAYLOAD_KEY, SESSION_ID, Payload
 
 __all__ = ["LeylineMiddleware", "accounting_of", "is_redacted"]
@@ -156,10 +156,7 @@ class LeylineMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         session_prefix: str = "lc",
     ) -> None:
         super().__init__()
-        try:
-            self.mode = Mode(mode)
-        except ValueError as exc:
-            raise ValueError(f"mode must be 'amortize' or 'forget', got {mode!r}") from exc
+        self.mode = parse_mode(mode)
         if not _PREFIX.match(session_prefix):
             raise ValueError(
                 f"session_prefix must be 1-32 of [A-Za-z0-9._-], got {session_prefix!r}"

@@ -88,7 +88,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test with the im
 
 from leyline._config import Environment
 from leyline.accounting import Accounting
-from leyline.directives import Mode
+from leyline.directives import Mode, parse_mode
 from leyline.middleware.conversation import Conversation, Plan, is_leyline_refusal
 from leyline.middleware.messages import as_message_dicts
 from leyline.middleware.policies import Policy, PolicyLike, PolicyResult, as_policy
@@ -149,12 +149,7 @@ class LeylineModelProvider(ModelProvider):
             raise TypeError(
                 f"openai_client must be an openai.AsyncOpenAI, got {type(openai_client).__name__}"
             )
-        try:
-            self.default_mode = Mode(default_mode)
-        except ValueError:
-            raise ValueError(
-                f"default_mode must be leyline.Mode.AMORTIZE or Mode.FORGET, got {default_mode!r}"
-            ) from None
+        self.default_mode = parse_mode(default_mode, name="default_mode")
         #: The history policy (a ``Policy`` or a plain function ``messages -> messages``).
         self.policy: Policy = as_policy(policy)
         if openai_client is None:

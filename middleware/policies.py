@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from typing import Any, TypeAlias
 
-from leyline.directives import Mode
+from leyline.directives import Mode, parse_mode
 from leyline.middleware.messages import Message, map_text, message_text, tool_results, turn_of
 
 __all__ = [
@@ -161,14 +161,7 @@ PolicyLike: TypeAlias = Policy | PolicyFunction
 
 def _coerce_mode(mode: object) -> Mode | None:
     """``mode`` as a :class:`~leyline.Mode` (its value string is fine) or ``None``."""
-    if mode is None or isinstance(mode, Mode):
-        return mode
-    try:
-        return Mode(str(mode))
-    except ValueError:
-        raise ValueError(
-            f"mode must be leyline.Mode.AMORTIZE, leyline.Mode.FORGET or None, got {mode!r}"
-        ) from None
+    return None if mode is None else parse_mode(mode)
 
 
 def _marks(mode: Mode | None, edited: set[int]) -> tuple[frozenset[int], frozenset[int]]:

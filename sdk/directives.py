@@ -23,7 +23,7 @@ from typing import Any
 
 from leyline.errors import DirectiveError
 
-__all__ = ["Directive", "Mode", "directives_from_wire", "validate_directives"]
+__all__ = ["Directive", "Mode", "directives_from_wire", "parse_mode", "validate_directives"]
 
 
 class Mode(StrEnum):
@@ -31,6 +31,23 @@ class Mode(StrEnum):
 
     AMORTIZE = "amortize"
     FORGET = "forget"
+
+
+def parse_mode(value: object, *, name: str = "mode") -> Mode:
+    """``value`` as a :class:`Mode` (a ``Mode`` or its string); ``ValueError`` naming ``name``.
+
+    >>> parse_mode("forget")
+    <Mode.FORGET: 'forget'>
+    """
+    if isinstance(value, Mode):
+        return value
+    try:
+        return Mode(str(value))
+    except ValueError:
+        raise ValueError(
+            f"{name} must be leyline.Mode.AMORTIZE or Mode.FORGET ('amortize' or 'forget'), "
+            f"got {value!r}"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
