@@ -5,15 +5,14 @@ real LangGraph react agent."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from _engine_server import RunningServer, running_server
+from _modules import load_example
 
 import leyline
 from leyline.middleware import Redact, TruncateOlderThan
@@ -141,11 +140,7 @@ def test_example_tool_loop_scripted_shows_applied_directives(
 ) -> None:
     """examples/openai_tool_loop.py --scripted on the engine (tiny-llama never calls tools):
     the SCRIPTED tool calls make the policy edit, and the engine reports the directives applied."""
-    path = Path(__file__).parents[2] / "examples" / "openai_tool_loop.py"
-    spec = importlib.util.spec_from_file_location("_example_openai_tool_loop", path)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("openai_tool_loop")
     argv = ["--base-url", srv.base_url, "--model", srv.model, "--scripted", "--policy", policy]
     assert example.main(argv) == 0
     out = capsys.readouterr().out

@@ -10,7 +10,6 @@ example's own, named one).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from _engine_server import RunningServer, running_server
+from _modules import load_example, load_module
 from langchain.agents import create_agent
 from langchain.agents.middleware import (
     ClearToolUsesEdit,
@@ -336,20 +336,14 @@ def test_leyline_model_is_deprecated() -> None:
 def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "langchain.agents.middleware", None)
     path = Path(leyline.middleware.__file__).with_name("langchain.py")
-    spec = importlib.util.spec_from_file_location("_leyline_langchain_blocked", path)
-    assert spec is not None and spec.loader is not None
     with pytest.raises(MissingExtraError, match=r"leyline\[langchain\]"):
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        load_module(path, "_leyline_langchain_blocked")
 
 
 def test_example_langchain_agent_prints_applied_directives(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    path = Path(__file__).parents[2] / "examples" / "langchain_agent.py"
-    spec = importlib.util.spec_from_file_location("_example_langchain_agent", path)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("langchain_agent")
     assert example.main(["--model", "tiny-llama", "--max-tokens", "4"]) == 0
     out = capsys.readouterr().out
     turns = [line for line in out.splitlines() if line.startswith("  turn ")]

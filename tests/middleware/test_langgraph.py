@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import sys
 import warnings
 from collections.abc import Callable
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _modules import load_module
 from langchain_core.messages import AIMessage, RemoveMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
@@ -168,7 +168,5 @@ def test_plain_invoke_without_thread_and_lazy_export(stub: StubOpenAIServer) -> 
 def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "langchain_openai", None)
     path = Path(leyline.middleware.__file__).with_name("langgraph.py")
-    spec = importlib.util.spec_from_file_location("_leyline_langgraph_blocked", path)
-    assert spec is not None and spec.loader is not None
     with pytest.raises(MissingExtraError, match=r"leyline\[langgraph\]"):
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        load_module(path, "_leyline_langgraph_blocked")

@@ -11,7 +11,6 @@ from its `ScriptedToolCalls` (its answers from the engine)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from typing import Any
 import openai
 import pytest
 from _engine_server import RunningServer, running_server
+from _modules import load_example, load_module
 from agents import (
     Agent,
     ModelRetrySettings,
@@ -325,18 +325,12 @@ def test_errors_name_the_fix_and_the_missing_extra(monkeypatch: pytest.MonkeyPat
         LeylineModelProvider(base_url="http://127.0.0.1:1/v1", default_mode="sometimes")
     monkeypatch.setitem(sys.modules, "agents", None)
     path = Path(leyline.middleware.__file__).with_name("openai_agents.py")
-    spec = importlib.util.spec_from_file_location("_leyline_agents_blocked", path)
-    assert spec is not None and spec.loader is not None
     with pytest.raises(MissingExtraError, match=r"leyline\[agents\]"):
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        load_module(path, "_leyline_agents_blocked")
 
 
 def test_example_openai_agents_loop_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    path = Path(__file__).parents[2] / "examples" / "openai_agents_loop.py"
-    spec = importlib.util.spec_from_file_location("_example_openai_agents_loop", path)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("openai_agents_loop")
     assert example.main(["--model", "tiny-llama", "--max-tokens", "4"]) == 0
     out = capsys.readouterr().out
     turns = [line for line in out.splitlines() if line.startswith("  turn ")]

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import random
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from _modules import load_example
 from stub_server import Reply, StubOpenAIServer
 
 import leyline
@@ -252,17 +251,8 @@ def test_passthrough_and_validation(stub: StubOpenAIServer) -> None:
     assert wrap(raw, default_mode="forget").default_mode is Mode.FORGET
 
 
-def _load_example(name: str) -> Any:
-    path = Path(__file__).parents[2] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_example_tool_loop_runs(stub: StubOpenAIServer, capsys: pytest.CaptureFixture[str]) -> None:
-    example = _load_example("openai_tool_loop")
+    example = load_example("openai_tool_loop")
     stub.queue(
         Reply(None, (("list_files", {}),)),
         Reply(None, (("read_file", {"path": "parser.py"}),)),
@@ -426,7 +416,7 @@ def test_example_tool_loop_scripted(
     stub: StubOpenAIServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`--scripted`: the example's own scripted tool calls, whatever the server answers."""
-    example = _load_example("openai_tool_loop")
+    example = load_example("openai_tool_loop")
     argv = ["--base-url", stub.base_url, "--model", "stub", "--scripted", "--policy", "drop_failed"]
     assert example.main(argv) == 0
     out = capsys.readouterr().out
