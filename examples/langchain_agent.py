@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _project import QUESTIONS, make_project, server
 from langchain.agents import create_agent
 from langchain.agents.middleware import (
     AgentMiddleware,
@@ -45,24 +45,6 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 from leyline import Accounting
 from leyline.middleware.langchain import LeylineMiddleware, accounting_of
-
-QUESTIONS = [
-    ("Which functions does the parser define?", "parser.py"),
-    ("What does the tokenizer do with blank lines?", "tokenizer.py"),
-    ("What is the project for?", "README.md"),
-    ("Does the parser handle quoted fields?", "parser.py"),
-]
-
-
-def make_project(root: Path) -> None:
-    """A few files with long enough contents that old reads are worth clearing."""
-    (root / "parser.py").write_text(
-        "".join(f"def parse_{i}(line):\n    return line.split(',')[{i}]\n\n" for i in range(40))
-    )
-    (root / "tokenizer.py").write_text(
-        "".join(f"# rule {i}: blank lines are skipped, tokens are lower-cased\n" for i in range(60))
-    )
-    (root / "README.md").write_text("A tiny CSV toolkit: a parser and a tokenizer.\n" * 20)
 
 
 class ScriptedToolCalls(AgentMiddleware):
@@ -83,20 +65,6 @@ class ScriptedToolCalls(AgentMiddleware):
                     "id": f"call_{len(request.messages)}", "type": "tool_call"}  # fmt: skip
             return ModelResponse(result=[AIMessage("", tool_calls=[call])])
         return handler(request)
-
-
-@contextmanager
-def server(base_url: str | None, model: str) -> Iterator[str]:
-    """``base_url``, or the embedded engine started in this process."""
-    if base_url:
-        yield base_url
-        return
-    from leyline.server.engine.config import EngineConfig
-    from leyline.server.engine.server import free_port, serve_in_thread
-
-    print(f"starting the embedded engine with {model} ...", flush=True)
-    with serve_in_thread(EngineConfig(model=model, port=free_port(), kv_tokens=16384)) as srv:
-        yield srv.base_url
 
 
 def run(args: argparse.Namespace, base_url: str, root: Path) -> None:

@@ -24,11 +24,10 @@ import argparse
 import asyncio
 import json
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from _project import QUESTIONS, make_project, server
 from agents import (
     Agent,
     ModelResponse,
@@ -46,24 +45,6 @@ from leyline.middleware import KeepAll, Policy, TruncateOlderThan
 from leyline.middleware.openai_agents import LeylineChatCompletionsModel, LeylineModelProvider
 
 POLICIES: dict[str, Policy] = {"keep_all": KeepAll(), "truncate": TruncateOlderThan(n=4)}
-
-QUESTIONS = [
-    ("Which functions does the parser define?", "parser.py"),
-    ("What does the tokenizer do with blank lines?", "tokenizer.py"),
-    ("What is the project for?", "README.md"),
-    ("Does the parser handle quoted fields?", "parser.py"),
-]
-
-
-def make_project(root: Path) -> None:
-    """A few files with long enough contents that old reads are worth trimming."""
-    (root / "parser.py").write_text(
-        "".join(f"def parse_{i}(line):\n    return line.split(',')[{i}]\n\n" for i in range(40))
-    )
-    (root / "tokenizer.py").write_text(
-        "".join(f"# rule {i}: blank lines are skipped, tokens are lower-cased\n" for i in range(60))
-    )
-    (root / "README.md").write_text("A tiny CSV toolkit: a parser and a tokenizer.\n" * 20)
 
 
 class ScriptedToolCalls(LeylineChatCompletionsModel):
@@ -88,20 +69,6 @@ class ScriptedToolCalls(LeylineChatCompletionsModel):
             )  # fmt: skip
             return ModelResponse(output=[call], usage=Usage(), response_id=None)
         return await super().get_response(system_instructions, input, *args, **kw)
-
-
-@contextmanager
-def server(base_url: str | None, model: str) -> Iterator[str]:
-    """``base_url``, or the embedded engine started in this process."""
-    if base_url:
-        yield base_url
-        return
-    from leyline.server.engine.config import EngineConfig
-    from leyline.server.engine.server import free_port, serve_in_thread
-
-    print(f"starting the embedded engine with {model} ...", flush=True)
-    with serve_in_thread(EngineConfig(model=model, port=free_port(), kv_tokens=16384)) as srv:
-        yield srv.base_url
 
 
 async def run(args: argparse.Namespace, base_url: str, root: Path) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+from _project import make_project
 
 import leyline
 from leyline.middleware import (
@@ -86,17 +87,6 @@ SCRIPTED_TURNS: list[list[tuple[str, dict[str, str]] | str]] = [
     ],
     [("read_file", {"path": "README.md"}), "A tiny CSV toolkit: a parser and a tokenizer."],
 ]
-
-
-def make_project(root: Path) -> None:
-    """A few files with long enough contents that old reads are worth truncating."""
-    (root / "parser.py").write_text(
-        "".join(f"def parse_{i}(line):\n    return line.split(',')[{i}]\n\n" for i in range(40))
-    )
-    (root / "tokenizer.py").write_text(
-        "".join(f"# rule {i}: blank lines are skipped, tokens are lower-cased\n" for i in range(60))
-    )
-    (root / "README.md").write_text("A tiny CSV toolkit: a parser and a tokenizer.\n" * 20)
 
 
 def run_tool(root: Path, name: str, arguments: str) -> str:

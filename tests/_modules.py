@@ -4,6 +4,7 @@ blocked (to check the error that names the extra)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -20,5 +21,8 @@ def load_module(path: Path, name: str) -> ModuleType:
 
 
 def load_example(name: str) -> ModuleType:
-    """``examples/<name>.py`` as a module (its ``main(argv)`` is then called by the test)."""
+    """``examples/<name>.py`` as a module (its ``main(argv)`` is then called by the test), with
+    the examples folder on the path as when it runs as a script (for ``examples/_project.py``)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.append(str(EXAMPLES))
     return load_module(EXAMPLES / f"{name}.py", f"_example_{name}")
