@@ -277,10 +277,12 @@ for extra, script in cases:
 """
 
 
-@pytest.mark.slow
-def test_agent_works_around_debug_gym_1_3_0_bugs(venv_python: Path, tmp_path: Path) -> None:
-    done = subprocess.run(
-        [str(venv_python), "-c", AGENT_CHECK, str(tmp_path)],
+def _run_check(
+    venv_python: Path, script: str, tmp_path: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in debug-gym's venv (argv: ``tmp_path``, then ``args``), in ``tmp_path``."""
+    return subprocess.run(
+        [str(venv_python), "-c", script, str(tmp_path), *args],
         env=runner_env(venv_python),
         cwd=tmp_path,
         capture_output=True,
@@ -288,6 +290,11 @@ def test_agent_works_around_debug_gym_1_3_0_bugs(venv_python: Path, tmp_path: Pa
         timeout=300,
         check=False,
     )
+
+
+@pytest.mark.slow
+def test_agent_works_around_debug_gym_1_3_0_bugs(venv_python: Path, tmp_path: Path) -> None:
+    done = _run_check(venv_python, AGENT_CHECK, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     steps_cut, token_cut, early = (json.loads(line.removeprefix("RESULT ")) for line in lines)
@@ -347,15 +354,7 @@ def test_drop_failed_drops_scripted_failing_calls(
     own tools produce the failure texts): `drop_failed` sends fewer messages than the full
     history and the requests carry directives (here FORGET, the policy object's mode)."""
     stub = make_stub()
-    done = subprocess.run(
-        [str(venv_python), "-c", DROP_FAILED_CHECK, str(tmp_path), stub.base_url],
-        env=runner_env(venv_python),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = _run_check(venv_python, DROP_FAILED_CHECK, tmp_path, stub.base_url)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = {
         line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])
