@@ -77,6 +77,16 @@ async def _run(
     return await Runner.run(agent, input=items, run_config=config, **kw)
 
 
+def _three_turns(agent: Agent[Any], first: int, config: RunConfig, session: SQLiteSession) -> None:
+    """Turns ``first``, ``first + 1``, ``first + 2`` of one SDK session, in one event loop."""
+
+    async def turns() -> None:
+        for i in range(3):
+            await _run(agent, _turn(first + i), config, session=session)
+
+    asyncio.run(turns())
+
+
 def _applied(acc: Accounting | None) -> bool:
     return acc is not None and any(d.status is Status.APPLIED for d in acc.directives)
 
@@ -146,13 +156,7 @@ def test_policy_edits_are_spliced_through_cloned_clients(srv: RunningServer) -> 
     config = RunConfig(model_provider=provider, tracing_disabled=True)
     # runner-managed retries: the SDK model calls client.with_options(max_retries=0) per call
     agent = _agent(srv, retry=ModelRetrySettings(max_retries=0))
-    session = SQLiteSession("clones")
-
-    async def turns() -> None:
-        for i in range(3):
-            await _run(agent, _turn(10 + i), config, session=session)
-
-    asyncio.run(turns())
+    _three_turns(agent, 10, config, SQLiteSession("clones"))
     assert _CountingClient.clones >= 3
     (key,) = provider.sessions
     assert srv.engine.session_info(key)["version"] == 3
@@ -191,13 +195,7 @@ def test_forget_policy_edits_are_recomputed(srv: RunningServer) -> None:
     policy = TruncateOlderThan(n=3, max_chars=100, forget=True)
     provider = LeylineModelProvider(base_url=srv.base_url, api_key="t", policy=policy)
     config = RunConfig(model_provider=provider, tracing_disabled=True)
-    session = SQLiteSession("forget")
-
-    async def turns() -> None:
-        for i in range(3):
-            await _run(_agent(srv), _turn(30 + i), config, session=session)
-
-    asyncio.run(turns())
+    _three_turns(_agent(srv), 30, config, SQLiteSession("forget"))
     acc = provider.last_accounting
     # the same edit as in the AMORTIZE test, sent as FORGET: the prefix before it is an exact
     # hit, everything after it is recomputed, nothing approximate is served
@@ -212,13 +210,7 @@ def test_redacting_new_outputs_leaves_later_edits_amortized(srv: RunningServer) 
     provider = LeylineModelProvider(base_url=srv.base_url, api_key="t", policy=Redact(r"line 3\d"))
     config = RunConfig(model_provider=provider, call_model_input_filter=trimmer,
                        tracing_disabled=True)  # fmt: skip
-    session = SQLiteSession("redacted")
-
-    async def turns() -> None:
-        for i in range(3):
-            await _run(_agent(srv), _turn(60 + i), config, session=session)
-
-    asyncio.run(turns())
+    _three_turns(_agent(srv), 60, config, SQLiteSession("redacted"))
     acc = provider.last_accounting
     assert _applied(acc) and acc is not None and acc.spliced > 300, acc
 
