@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["QUESTIONS", "make_project", "server"]
+from leyline import Accounting
+
+__all__ = ["QUESTIONS", "counts", "make_project", "server"]
 
 #: (question, the file that answers it)
 QUESTIONS = [
@@ -19,6 +21,14 @@ QUESTIONS = [
     ("What is the project for?", "README.md"),
     ("Does the parser handle quoted fields?", "parser.py"),
 ]
+
+
+def counts(acc: Accounting) -> str:
+    """Where an accounting's prompt tokens came from, as ``key=value`` pairs."""
+    return (
+        f"exact={acc.exact} inherited={acc.inherited} spliced={acc.spliced} "
+        f"chunk_reused={acc.chunk_reused} recomputed={acc.recomputed}"
+    )
 
 
 def make_project(root: Path) -> None:

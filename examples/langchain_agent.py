@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _project import QUESTIONS, make_project, server
+from _project import QUESTIONS, counts, make_project, server
 from langchain.agents import create_agent
 from langchain.agents.middleware import (
     AgentMiddleware,
@@ -97,16 +97,12 @@ def run(args: argparse.Namespace, base_url: str, root: Path) -> None:
         for acc in accounted:
             totals = totals + acc
             print(
-                f"  turn {turn}: prompt={acc.prompt_tokens} exact={acc.exact} "
-                f"inherited={acc.inherited} spliced={acc.spliced} "
-                f"chunk_reused={acc.chunk_reused} recomputed={acc.recomputed} "
+                f"  turn {turn}: prompt={acc.prompt_tokens} {counts(acc)} "
                 f"directives={[d.status.value for d in acc.directives]}"
             )
         print(f"    user: {question}\n    agent: {str(messages[-1].content).strip()[:120]!r}")
     print(
-        f"thread {args.thread}: {totals.requests} accounted requests, exact={totals.exact} "
-        f"inherited={totals.inherited} spliced={totals.spliced} "
-        f"chunk_reused={totals.chunk_reused} recomputed={totals.recomputed} "
+        f"thread {args.thread}: {totals.requests} accounted requests, {counts(totals)} "
         f"reused={totals.reused_fraction:.1%}"
     )
 

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _project import QUESTIONS, make_project, server
+from _project import QUESTIONS, counts, make_project, server
 from agents import (
     Agent,
     ModelResponse,
@@ -106,18 +106,12 @@ async def run(args: argparse.Namespace, base_url: str, root: Path) -> None:
             print(f"  turn {turn}: the server returned no leyline accounting")
             continue
         outcomes = [d.status.value for d in acc.directives]
-        print(
-            f"  turn {turn}: prompt={acc.prompt_tokens} exact={acc.exact} "
-            f"inherited={acc.inherited} spliced={acc.spliced} chunk_reused={acc.chunk_reused} "
-            f"recomputed={acc.recomputed} "
-            f"directives={outcomes}"
-        )
+        print(f"  turn {turn}: prompt={acc.prompt_tokens} {counts(acc)} directives={outcomes}")
         print(f"    user: {question}\n    agent: {str(result.final_output).strip()[:120]!r}")
     t = provider.totals
     print(
         f"Leyline session {provider.sessions[0]}: {t.requests} accounted requests, "
-        f"exact={t.exact} inherited={t.inherited} spliced={t.spliced} chunk_reused={t.chunk_reused} "
-        f"recomputed={t.recomputed} reused={t.reused_fraction:.1%}"
+        f"{counts(t)} reused={t.reused_fraction:.1%}"
     )
 
 
