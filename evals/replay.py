@@ -390,7 +390,7 @@ def _replay_conversations(
                         payload = prepared.to_payload()
                         if not spec.directives:
                             payload = replace(payload, directives=())
-                        body.update(payload.to_custom_params_body())
+                        body = payload.attach(body)
                     got = _stream_chat(http, body)
                     if session is not None and prepared is not None:
                         session.commit(prepared)

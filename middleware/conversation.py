@@ -32,7 +32,7 @@ from leyline.accounting import Accounting
 from leyline.directives import Mode, parse_mode
 from leyline.middleware.messages import Message, as_message_dicts
 from leyline.middleware.policies import Policy, PolicyLike, PolicyResult, as_policy
-from leyline.protocol import PAYLOAD_KEY
+from leyline.protocol import carries_payload
 from leyline.segments import Segment
 from leyline.session import Prepared, Session
 
@@ -179,9 +179,7 @@ class Conversation:
         result = self.policy.apply(as_message_dicts(kwargs["messages"]))
         sent = dict(kwargs, messages=list(result.messages))
         user_extra = kwargs.get("extra_body")
-        user_has_leyline = isinstance(user_extra, dict) and (
-            PAYLOAD_KEY in user_extra or PAYLOAD_KEY in (user_extra.get("custom_params") or {})
-        )
+        user_has_leyline = carries_payload(user_extra)
         if not self.leyline_enabled or user_has_leyline:
             # why: an explicit leyline payload from the caller wins over ours.
             return Plan(sent, None, user_extra)
@@ -199,11 +197,9 @@ class Conversation:
             previous=self._committed,
             default_mode=self.default_mode,
         )
-        extra = dict(user_extra) if isinstance(user_extra, dict) else {}
-        custom = dict(extra.get("custom_params") or {})
-        custom.update(prepared.to_payload().to_custom_params())
-        extra["custom_params"] = custom
-        sent["extra_body"] = extra
+        sent["extra_body"] = prepared.to_payload().attach(
+            user_extra if isinstance(user_extra, dict) else None
+        )
         return Plan(sent, prepared, user_extra)
 
     def refused(self, exc: BaseException) -> None:

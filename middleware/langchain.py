@@ -78,7 +78,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test with the im
 
 from leyline.accounting import Accounting
 from leyline.directives import Mode, parse_mode
-from leyline.protocol import PAYLOAD_KEY, SESSION_ID, Payload
+from leyline.protocol import PAYLOAD_KEY, SESSION_ID, Payload, carries_payload
 
 __all__ = ["LeylineMiddleware", "accounting_of", "is_redacted"]
 
@@ -218,8 +218,7 @@ class LeylineMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
                             "without a Leyline payload", name)  # fmt: skip
             return None
         extra = _merged_extra_body(model.extra_body, request.model_settings.get("extra_body"))
-        custom = extra.get("custom_params") or {}
-        if PAYLOAD_KEY in extra or PAYLOAD_KEY in custom:
+        if carries_payload(extra):
             return None  # the caller's own payload wins
         session = self._session(request)
         if session is None:
@@ -233,9 +232,11 @@ class LeylineMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         with self._lock:
             seen = self._marked.get(session, frozenset())
         mode = Mode.FORGET if marked - seen else self.mode
-        extra["custom_params"] = {**custom, **Payload(session, mode=mode).to_custom_params()}
         _install_hooks(model)
-        settings = {**request.model_settings, "extra_body": extra}
+        settings = {
+            **request.model_settings,
+            "extra_body": Payload(session, mode=mode).attach(extra),
+        }
         return _Call(request.override(model_settings=settings), session, marked)
 
     def _finish(self, call: _Call, response: ModelResponse[Any]) -> ModelResponse[Any]:

@@ -92,7 +92,7 @@ from leyline.directives import Mode, parse_mode
 from leyline.middleware.conversation import Conversation, Plan, is_leyline_refusal
 from leyline.middleware.messages import as_message_dicts
 from leyline.middleware.policies import Policy, PolicyLike, PolicyResult, as_policy
-from leyline.protocol import PAYLOAD_KEY, Payload, session_key
+from leyline.protocol import Payload, carries_payload, session_key
 from leyline.session import Session
 
 __all__ = ["LeylineChatCompletionsModel", "LeylineModelProvider", "session_key_of"]
@@ -319,14 +319,13 @@ class _Call:
         if sent.get("stream") is True and _unset(sent.get("stream_options")):
             sent["stream_options"] = {"include_usage": True}  # the final chunk has the accounting
         user_extra = kwargs.get("extra_body")
-        ours = conv.leyline_enabled and not _has_payload(user_extra)  # the caller's payload wins
+        ours = conv.leyline_enabled and not carries_payload(user_extra)  # the caller's payload wins
         if ours:
             previous = self.provider._sent.get(self.session, {})
             mode = _request_mode(history, result, previous, conv.default_mode)
-            payload = Payload(self.session, mode=mode).to_custom_params()
-            extra = dict(user_extra) if isinstance(user_extra, Mapping) else {}
-            extra["custom_params"] = {**(extra.get("custom_params") or {}), **payload}
-            sent["extra_body"] = extra
+            sent["extra_body"] = Payload(self.session, mode=mode).attach(
+                user_extra if isinstance(user_extra, Mapping) else None
+            )
         plan = Plan(sent, None, user_extra)
         try:
             response = await create(**sent)
@@ -432,11 +431,3 @@ class _Completions:
 
 def _unset(value: Any) -> bool:
     return value is None or isinstance(value, Omit)
-
-
-def _has_payload(extra_body: Any) -> bool:
-    """Whether the caller's own ``extra_body`` already carries a Leyline payload (it wins)."""
-    if not isinstance(extra_body, Mapping):
-        return False
-    custom = extra_body.get("custom_params")
-    return PAYLOAD_KEY in extra_body or (isinstance(custom, Mapping) and PAYLOAD_KEY in custom)

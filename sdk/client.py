@@ -109,9 +109,7 @@ class LeylineClient:
         prepared = None
         if session is not None:
             prepared = session.prepare(messages, forget=forget, tools=tools)
-            custom = dict(request.get("custom_params") or {})
-            custom.update(prepared.to_payload().to_custom_params())
-            request["custom_params"] = custom
+            request = prepared.to_payload().attach(request)
         body = self._request("POST", "/chat/completions", request)
         if session is not None and prepared is not None:
             session.commit(prepared)

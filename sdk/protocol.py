@@ -41,6 +41,7 @@ __all__ = [
     "ResponseInfo",
     "Status",
     "TokenCounts",
+    "carries_payload",
     "ignored_all",
     "session_key",
     "usage_details",
@@ -125,6 +126,13 @@ class Payload:
     def to_custom_params_body(self) -> dict[str, Any]:
         """``{"custom_params": {...}}``, ready for ``openai``'s ``extra_body=``."""
         return {"custom_params": self.to_custom_params()}
+
+    def attach(self, body: Mapping[str, Any] | None) -> dict[str, Any]:
+        """A copy of a request body (or ``extra_body``) carrying this payload in
+        ``custom_params``; the body's other ``custom_params`` entries are kept."""
+        out = dict(body or {})
+        out["custom_params"] = {**(out.get("custom_params") or {}), **self.to_custom_params()}
+        return out
 
     @classmethod
     def from_wire(
@@ -361,6 +369,15 @@ class ResponseInfo:
 def ignored_all(count: int, reason: str) -> tuple[DirectiveOutcome, ...]:
     """Every one of ``count`` directives ignored for one ``reason``."""
     return tuple(DirectiveOutcome(i, Status.IGNORED, reason, 0) for i in range(count))
+
+
+def carries_payload(body: Any) -> bool:
+    """Whether a request body (or ``extra_body``) already carries a Leyline payload, in either
+    carrier (a caller's own payload wins over an adapter's)."""
+    if not isinstance(body, Mapping):
+        return False
+    custom = body.get("custom_params")
+    return PAYLOAD_KEY in body or (isinstance(custom, Mapping) and PAYLOAD_KEY in custom)
 
 
 def session_key(key: str) -> str:
