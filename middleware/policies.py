@@ -542,8 +542,9 @@ class DropReasoning(Policy):
     (:func:`~leyline.middleware.messages.turn_of`); the last ``n`` keep their reasoning (a tool
     loop usually needs the current turn's; ``n=0`` drops all of it).
 
-    NOTE: Leyline's segments hash message text, not the reasoning fields, so removing a field
-    changes the request but makes no directive; removing a ``<think>`` block does.
+    Both kinds of removal are directives: a segment's hash covers its message's reasoning
+    fields (templates of reasoning models render them inside that message), and a ``<think>``
+    block is text.
 
     >>> msgs = [{"role": "assistant", "content": "<think>plan</think>\\nls", "reasoning": "r"},
     ...         {"role": "assistant", "content": "<think>check</think>done"}]

@@ -13,7 +13,8 @@ is cut the same way wherever it sits in the history:
 
 Every segment carries an xxh64 hash of what it renders to: role, the piece of content, and the
 non-content parts the chat template puts in front of it (tool call ids, the previous message's
-tool calls). The server tokenizes the prompt segment by segment with the same split, so equal
+tool calls, the message's own reasoning, which templates of reasoning models render before the
+answer, so dropping it edits that message alone). The server tokenizes the prompt segment by segment with the same split, so equal
 hashes mean equal tokens.
 """
 
@@ -114,6 +115,16 @@ def _extras(message: Mapping[str, Any]) -> str:
     return json.dumps(extra, sort_keys=True, separators=(",", ":")) if extra else ""
 
 
+def _reasoning(message: Mapping[str, Any]) -> str:
+    """The message's reasoning fields (``reasoning_content``, ``reasoning``), canonicalised.
+
+    Templates of reasoning models (Qwen3, DeepSeek-R1) render them in front of the answer, inside
+    the message; unlike tool calls they never reach the next message's glue.
+    """
+    parts = {k: message[k] for k in ("reasoning_content", "reasoning") if message.get(k)}
+    return json.dumps(parts, sort_keys=True, separators=(",", ":")) if parts else ""
+
+
 def render_segments(
     messages: Sequence[Mapping[str, Any]],
     params: SegmentParams = DEFAULT_PARAMS,
@@ -147,7 +158,8 @@ def render_segments(
         for i, piece in enumerate(pieces):
             h = xxhash.xxh64()
             if i == 0:  # the template glue in front of a message belongs to its first piece
-                h.update(f"{previous_tail}\x1f{role}\x1f{extras}\x1f".encode())
+                glue = f"{previous_tail}\x1f{role}\x1f{extras}\x1f{_reasoning(message)}\x1f"
+                h.update(glue.encode("utf-8", "surrogatepass"))
             h.update(piece.encode("utf-8", "surrogatepass"))
             segments.append(Segment(m, role, h.hexdigest(), len(piece)))
         previous_tail = extras

@@ -461,6 +461,22 @@ def test_drop_reasoning_edit_is_a_directive() -> None:
     assert prep.directives and touched <= edited
 
 
+def test_dropping_reasoning_fields_is_a_directive_on_those_messages() -> None:
+    """Reasoning fields enter their own message's segment hash (templates of reasoning models
+    render them there), so dropping them alone is an edit of exactly those messages."""
+    msgs = _with_reasoning(_trajectory(6, turns=3))
+    session = Session()
+    first = msgs[: len(msgs) - 1]
+    session.commit(session.prepare(first))
+    out = DropReasoning(n=1, tag=None).apply(msgs)
+    edited = {i for i, m in enumerate(out.messages) if m != msgs[i]}
+    prep = session.prepare(out.messages, forget=out.forget)
+    touched = {prep.segments[j].message for d in prep.directives for j in range(*d.replacement)}
+    assert edited and prep.directives
+    assert touched == edited
+    assert all("<think>" in out.messages[i]["content"] for i in edited)  # the text stayed
+
+
 def _drop_old_tool_outputs(messages: list[Msg]) -> list[Msg]:
     """A plain policy function: old tool outputs become a marker (and it mutates its input)."""
     tools = [i for i, m in enumerate(messages) if m["role"] == "tool"]

@@ -73,6 +73,16 @@ def test_hash_depends_on_role_and_tools() -> None:
     assert user[0].hash != system[0].hash != tooled[0].hash != user[0].hash
 
 
+def test_reasoning_enters_its_own_message_hash_only() -> None:
+    answer = {"role": "assistant", "content": "ls\n" * 200}
+    thought = {**answer, "reasoning_content": "list the files first"}
+    after = {"role": "tool", "tool_call_id": "c1", "content": "a.py"}
+    plain = render_segments([answer, after])
+    thinking = render_segments([thought, after])
+    assert plain[0].hash != thinking[0].hash  # the glue in front of the answer
+    assert [s.hash for s in plain[1:]] == [s.hash for s in thinking[1:]]
+
+
 def test_bad_messages_raise() -> None:
     with pytest.raises(TypeError, match="role"):
         render_segments([{"content": "x"}])
