@@ -41,13 +41,13 @@ first shows a redaction marker (``forget_if``, default :func:`is_redacted`: the 
 ``PIIMiddleware`` writes): that request is FORGET, so nothing computed while the redacted text
 was in the prompt is reused. Later requests go back to ``mode``.
 
-Accounting: ``ChatOpenAI`` (langchain-openai 1.8) keeps a response's usage but drops its other
-top-level fields, so the ``leyline`` object is read off the HTTP response by an ``event_hooks``
-entry on the model's httpx client, only for this middleware's own non-streaming calls. The
-object lands in ``AIMessage.response_metadata["leyline"]`` (plain JSON, so checkpointers keep
-it); :func:`accounting_of` parses it into :class:`leyline.Accounting`, and
+Accounting: ``ChatOpenAI`` keeps a response's ``usage`` in
+``AIMessage.response_metadata["token_usage"]`` but drops its other top-level fields, so both
+Leyline servers repeat the ``leyline`` object as ``usage.leyline`` (docs/protocol.md). The
+middleware copies it to ``AIMessage.response_metadata["leyline"]`` (plain JSON, so checkpointers
+keep it); :func:`accounting_of` parses it into :class:`leyline.Accounting`, and
 :attr:`LeylineMiddleware.last_accounting` holds the latest. Streamed calls are left alone (the
-payload is sent, no accounting is read).
+payload is sent; LangChain keeps no raw usage of a stream, so no accounting is read).
 
 Needs ``pip install 'leyline[langchain]'`` (langchain, langchain-openai). Models other than
 ``ChatOpenAI`` / ``AzureChatOpenAI`` are passed through untouched.
@@ -56,15 +56,13 @@ Needs ``pip install 'leyline[langchain]'`` (langchain, langchain-openai). Models
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 from leyline.errors import MissingExtraError
 
@@ -93,10 +91,6 @@ _REDACTION = re.compile(
 _PREFIX = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
 _MAX_SESSIONS = 4096  # sessions whose markers are remembered (oldest forgotten first)
 
-# The sink of the model call running in this context (None: not one of ours). A ContextVar, as
-# the httpx hook runs in the caller's thread (sync) or task (async).
-_SINK: ContextVar[list[dict[str, Any]] | None] = ContextVar("leyline_langchain_sink", default=None)
-
 
 def is_redacted(message: BaseMessage) -> bool:
     """Whether ``message``'s text carries a ``PIIMiddleware`` placeholder (``[REDACTED_EMAIL]``,
@@ -119,19 +113,19 @@ def accounting_of(message: BaseMessage) -> Accounting | None:
     (3, True)
     """
     meta = message.response_metadata
+    usage = meta.get("token_usage") or {}
     return Accounting.from_response(
-        {"usage": meta.get("token_usage"), PAYLOAD_KEY: meta.get(PAYLOAD_KEY)}
+        {"usage": usage, PAYLOAD_KEY: meta.get(PAYLOAD_KEY) or usage.get(PAYLOAD_KEY)}
     )
 
 
 @dataclass(frozen=True, slots=True)
 class _Call:
-    """One model call on its way: the request as sent, its session and what it captured."""
+    """One model call on its way: the request as sent, its session and its redaction marks."""
 
     request: ModelRequest[Any]
     session: str
     marked: frozenset[str]
-    sink: list[dict[str, Any]] = field(default_factory=list)
 
 
 class LeylineMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
@@ -185,12 +179,7 @@ class LeylineMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         call = self._prepare(request)
         if call is None:
             return handler(request)
-        token = _SINK.set(call.sink)
-        try:
-            response = handler(call.request)
-        finally:
-            _SINK.reset(token)
-        return self._finish(call, response)
+        return self._finish(call, handler(call.request))
 
     async def awrap_model_call(
         self,
@@ -200,12 +189,7 @@ class LeylineMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         call = self._prepare(request)
         if call is None:
             return await handler(request)
-        token = _SINK.set(call.sink)
-        try:
-            response = await handler(call.request)
-        finally:
-            _SINK.reset(token)
-        return self._finish(call, response)
+        return self._finish(call, await handler(call.request))
 
     # -- one call -------------------------------------------------------------------------------
     def _prepare(self, request: ModelRequest[Any]) -> _Call | None:
@@ -232,7 +216,6 @@ class LeylineMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         with self._lock:
             seen = self._marked.get(session, frozenset())
         mode = Mode.FORGET if marked - seen else self.mode
-        _install_hooks(model)
         settings = {
             **request.model_settings,
             "extra_body": Payload(session, mode=mode).attach(extra),
@@ -245,17 +228,15 @@ class LeylineMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
             self._marked.move_to_end(call.session)
             while len(self._marked) > _MAX_SESSIONS:
                 self._marked.popitem(last=False)
-        body = next((b for b in reversed(call.sink) if _session_of(b) == call.session), None)
-        if body is None:
-            return response  # streamed, or a server without Leyline accounting
-        self.last_accounting = Accounting.from_response(body)
-        raw = body[PAYLOAD_KEY]
-        result = [
-            m.model_copy(update={"response_metadata": {**m.response_metadata, PAYLOAD_KEY: raw}})
-            if isinstance(m, AIMessage)
-            else m
-            for m in response.result
-        ]
+        result: list[BaseMessage] = []
+        for m in response.result:
+            usage = m.response_metadata.get("token_usage") if isinstance(m, AIMessage) else None
+            raw = usage.get(PAYLOAD_KEY) if isinstance(usage, Mapping) else None
+            if isinstance(raw, Mapping) and raw.get("session") == call.session:
+                self.last_accounting = Accounting.from_response({"usage": usage, PAYLOAD_KEY: raw})
+                meta = {**m.response_metadata, PAYLOAD_KEY: dict(raw)}
+                m = m.model_copy(update={"response_metadata": meta})
+            result.append(m)  # streamed, or a server without Leyline accounting: as it came
         return replace(response, result=result)
 
     def _session(self, request: ModelRequest[Any]) -> str | None:
@@ -296,67 +277,3 @@ def _merged_extra_body(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
 def _fingerprint(message: BaseMessage) -> str:
     key = f"{message.type}\0{getattr(message, 'tool_call_id', '')}\0{message.text}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def _session_of(body: Mapping[str, Any]) -> Any:
-    return (body.get(PAYLOAD_KEY) or {}).get("session")
-
-
-# -- reading the accounting off the HTTP response -------------------------------------------------
-class _Response(Protocol):
-    """The part of an httpx (or openai's httpx2) response the hooks read."""
-
-    @property
-    def headers(self) -> Mapping[str, str]: ...
-    @property
-    def content(self) -> bytes: ...
-    def read(self) -> bytes: ...
-    async def aread(self) -> bytes: ...
-
-
-def _wants(response: _Response) -> bool:
-    return _SINK.get() is not None and response.headers.get("content-type", "").startswith(
-        "application/json"
-    )
-
-
-def _offer(response: _Response) -> None:
-    sink = _SINK.get()
-    try:
-        body = json.loads(response.content)
-    except ValueError:
-        return  # not JSON after all: nothing to read
-    if sink is not None and isinstance(body, dict) and isinstance(body.get(PAYLOAD_KEY), dict):
-        sink.append({"usage": body.get("usage"), PAYLOAD_KEY: body[PAYLOAD_KEY]})
-
-
-def _on_response(response: _Response) -> None:
-    if _wants(response):
-        response.read()  # a JSON body (streams are text/event-stream and are never read here)
-        _offer(response)
-
-
-async def _aon_response(response: _Response) -> None:
-    if _wants(response):
-        await response.aread()
-        _offer(response)
-
-
-def _install_hooks(model: BaseChatOpenAI) -> None:
-    """Add the response hooks to the model's sync and async HTTP clients (once per client)."""
-    # NOTE: ChatOpenAI's `http_client` / `http_async_client` are public, but are None unless the
-    # user passed them; the client openai builds then is the private `OpenAI._client` (openai
-    # 1.x-3.63, an httpx or httpx2 client). tests/middleware/test_langchain_middleware.py fails
-    # when it moves. Shared clients are fine: the hooks read only calls made under this
-    # middleware (the _SINK context variable).
-    pairs: Iterable[tuple[Any, Callable[..., Any]]] = (
-        (model.http_client or getattr(model.root_client, "_client", None), _on_response),
-        (
-            model.http_async_client or getattr(model.root_async_client, "_client", None),
-            _aon_response,
-        ),
-    )
-    for client, hook in pairs:
-        hooks = getattr(client, "event_hooks", None)
-        if hooks is not None and hook not in hooks.get("response", []):
-            client.event_hooks = {**hooks, "response": [*hooks.get("response", []), hook]}

@@ -45,6 +45,7 @@ __all__ = [
     "ignored_all",
     "session_key",
     "usage_details",
+    "with_accounting",
 ]
 
 PROTOCOL_VERSION = 1
@@ -297,6 +298,21 @@ _COUNT_FIELDS = ("exact", "inherited", "spliced", "chunk_reused", "recomputed")
 def usage_details(tokens: TokenCounts) -> dict[str, int]:
     """``usage.prompt_tokens_details``: OpenAI's ``cached_tokens`` plus ``approximate_tokens``."""
     return {"cached_tokens": tokens.cached, "approximate_tokens": tokens.approximate}
+
+
+def with_accounting(usage: Mapping[str, Any], leyline: Mapping[str, Any]) -> dict[str, Any]:
+    """A response's ``usage`` with Leyline's entries, given its ``leyline`` object (wire form).
+
+    ``prompt_tokens_details`` gains :func:`usage_details` (entries the server already set win)
+    and ``usage.leyline`` repeats the ``leyline`` object, for clients that keep a response's
+    usage but drop its other fields (LangChain's ``response_metadata["token_usage"]``).
+
+    >>> with_accounting({"prompt_tokens": 3}, {"tokens": {"exact": 3}})["prompt_tokens_details"]
+    {'cached_tokens': 3, 'approximate_tokens': 0}
+    """
+    own = usage.get("prompt_tokens_details") or {}
+    details = {**usage_details(TokenCounts.from_wire(leyline.get("tokens"))), **own}
+    return {**usage, "prompt_tokens_details": details, PAYLOAD_KEY: dict(leyline)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,14 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from leyline.errors import DirectiveError, PayloadError
-from leyline.protocol import PROTOCOL_VERSION, SESSION_ID, Payload, ResponseInfo, usage_details
+from leyline.protocol import (
+    PROTOCOL_VERSION,
+    SESSION_ID,
+    Payload,
+    ResponseInfo,
+    usage_details,
+    with_accounting,
+)
 from leyline.segments import render_segments
 from leyline.server.engine.engine import Engine
 from leyline.server.engine.protocol import (
@@ -242,12 +249,14 @@ def create_app(
         )
 
     def usage(done: Finished) -> dict[str, Any]:
-        return {
+        counts = {
             "prompt_tokens": done.prompt_tokens,
             "completion_tokens": len(done.token_ids),
             "total_tokens": done.prompt_tokens + len(done.token_ids),
-            "prompt_tokens_details": usage_details(done.tokens),
         }
+        if done.session is None:
+            return {**counts, "prompt_tokens_details": usage_details(done.tokens)}
+        return with_accounting(counts, leyline_obj(done))  # usage.leyline: see protocol.md
 
     def leyline_obj(done: Finished) -> dict[str, Any]:
         return ResponseInfo(

@@ -9,8 +9,9 @@ reaches the scheduler.
 Out: the scheduler-side cache sets ``req.customized_info["leyline"] = [json]`` (a
 `leyline.protocol.ResponseInfo`); SGLang ships it to the tokenizer manager as
 ``meta_info["leyline"]`` (a per-output-token list, so the JSON sits in its first entry). Three
-hooks lift it to the top-level ``"leyline"`` object the client reads and add
-``approximate_tokens`` to ``usage.prompt_tokens_details`` (SGLang's ``cached_tokens`` is kept):
+hooks lift it to the top-level ``"leyline"`` object the client reads, add
+``approximate_tokens`` to ``usage.prompt_tokens_details`` (SGLang's ``cached_tokens`` is kept)
+and copy the object to ``usage.leyline`` (`leyline.protocol.with_accounting`):
 
 - ``OpenAIServingChat._build_chat_response`` (AFTER): the non-streaming response is rebuilt as
   `LeylineChatCompletionResponse` (a `ChatCompletionResponse` with a ``leyline`` field);
@@ -36,7 +37,8 @@ from sglang.srt.entrypoints.openai.protocol import (
 )
 
 from leyline.errors import PayloadError
-from leyline.protocol import Payload, TokenCounts, usage_details
+from leyline.protocol import Payload
+from leyline.protocol import with_accounting as usage_with_accounting
 
 __all__ = [
     "ACCOUNTING_KEY",
@@ -66,7 +68,10 @@ class LeylinePromptTokensDetails(PromptTokensDetails):
 
 
 class LeylineUsageInfo(UsageInfo):
+    """SGLang's usage plus ``usage.leyline``, a copy of the accounting (docs/protocol.md)."""
+
     prompt_tokens_details: LeylinePromptTokensDetails | None = None
+    leyline: dict[str, Any] | None = None
 
 
 class LeylineChatCompletionResponse(ChatCompletionResponse):
@@ -90,9 +95,6 @@ def validate_payload(
     return None
 
 
-def _usage_details(details: Mapping[str, Any] | None, wire: Mapping[str, Any]) -> dict[str, Any]:
-    """``prompt_tokens_details`` with ``approximate_tokens``; SGLang's own entries win."""
-    return {**usage_details(TokenCounts.from_wire(wire.get("tokens"))), **(details or {})}
 
 
 def accounting_from_meta_info(meta_info: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -126,8 +128,7 @@ def with_accounting(
     if wire is None:
         return result
     fields = {name: getattr(result, name) for name in ChatCompletionResponse.model_fields}
-    usage = result.usage.model_dump()
-    usage["prompt_tokens_details"] = _usage_details(usage.get("prompt_tokens_details"), wire)
+    usage = usage_with_accounting(result.usage.model_dump(), wire)
     fields["usage"] = LeylineUsageInfo.model_validate(usage)
     return LeylineChatCompletionResponse(**fields, leyline=wire)
 
@@ -159,10 +160,7 @@ async def around_chat_stream(
         wire = getattr(adapted_request, _STASH_ATTR, None)
         if wire is not None and _is_usage_chunk(chunk):
             body = json.loads(chunk[len("data: ") :])
-            usage = body["usage"]
-            usage["prompt_tokens_details"] = _usage_details(
-                usage.get("prompt_tokens_details"), wire
-            )
+            body["usage"] = usage_with_accounting(body["usage"], wire)
             body[ACCOUNTING_KEY] = wire
             chunk = f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
         yield chunk

@@ -287,16 +287,19 @@ def test_streamed_calls_carry_the_payload_and_are_left_alone(srv: RunningServer)
     assert "leyline" not in final.response_metadata and mw.last_accounting is None
 
 
-def test_accounting_hook_sits_on_the_clients_chatopenai_builds(srv: RunningServer) -> None:
-    # NOTE: the hook goes on openai's private `OpenAI._client` when no http_client was given
-    # (middleware/langchain.py, _install_hooks); this fails when that attribute moves.
+def test_accounting_comes_from_the_usage_langchain_keeps(srv: RunningServer) -> None:
+    """The server repeats ``leyline`` under ``usage``; ChatOpenAI keeps usage as ``token_usage``,
+    so no HTTP hook is needed, and a plain ChatOpenAI (no http_client given) gets accounting."""
     chat = _chat(srv)
-    agent = create_agent(chat, [], middleware=[LeylineMiddleware()])
+    mw = LeylineMiddleware()
+    agent = create_agent(chat, [], middleware=[mw])
     for _ in range(2):
-        out = agent.invoke({"messages": [("user", "Count the hooks.")]}, _thread("hooks"))
-    assert accounting_of(out["messages"][-1]) is not None
-    assert len(chat.root_client._client.event_hooks["response"]) == 1
-    assert len(chat.root_async_client._client.event_hooks["response"]) == 1
+        out = agent.invoke({"messages": [("user", "Count the tokens.")]}, _thread("usage"))
+    final = out["messages"][-1]
+    acc = accounting_of(final)
+    assert acc is not None and acc == mw.last_accounting and acc.exact > 0
+    assert final.response_metadata["leyline"] == final.response_metadata["token_usage"]["leyline"]
+    assert final.response_metadata["leyline"]["session"] == mw.session_for("usage")
 
 
 def test_other_models_pass_through(caplog: pytest.LogCaptureFixture) -> None:

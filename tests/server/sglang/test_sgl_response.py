@@ -118,7 +118,7 @@ def test_non_streaming_response_has_top_level_leyline(hooks) -> None:
     adapted = GenerateReqInput(input_ids=[1, 2, 3], sampling_params={})
     resp = asyncio.run(serving._handle_non_streaming_request(adapted, _request(False), None))
     body = jsonable_encoder(resp)  # what FastAPI sends for the route's return value
-    assert body["leyline"] == WIRE
+    assert body["leyline"] == WIRE == body["usage"]["leyline"]
     assert body["usage"]["prompt_tokens_details"] == DETAILS
     assert body["choices"][0]["message"]["content"] == "hello"
     acct = Accounting.from_response(body)
@@ -135,7 +135,8 @@ def test_requests_without_accounting_are_unchanged(hooks) -> None:
         _serving([out])._handle_non_streaming_request(adapted, _request(False), None)
     )
     body = jsonable_encoder(resp)
-    assert "leyline" not in body and body["usage"]["prompt_tokens_details"] == {
+    assert "leyline" not in body and "leyline" not in body["usage"]
+    assert body["usage"]["prompt_tokens_details"] == {
         "cached_tokens": 790
     }  # fmt: skip
     chunks = asyncio.run(_collect(_serving([out]), adapted))
@@ -161,7 +162,7 @@ def test_final_usage_chunk_of_a_stream_has_leyline(hooks) -> None:
     bodies = [json.loads(c[len("data: ") :]) for c in chunks[:-1]]
     usage = [b for b in bodies if b.get("usage")]
     assert len(usage) == 1 and usage[0]["choices"] == []
-    assert usage[0]["leyline"] == WIRE
+    assert usage[0]["leyline"] == WIRE == usage[0]["usage"]["leyline"]
     assert usage[0]["usage"]["prompt_tokens_details"] == DETAILS
     assert all("leyline" not in b for b in bodies if b is not usage[0])
     acct = Accounting.from_response(usage[0])
