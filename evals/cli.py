@@ -21,7 +21,7 @@ from pathlib import Path
 
 from leyline.evals.consistency import ConsistencyConfig
 from leyline.evals.replay import ARMS, ReplayConfig
-from leyline.evals.workload import WorkloadConfig
+from leyline.evals.workload import MIXES, WorkloadConfig
 from leyline.middleware.policies import POLICY_NAMES
 
 __all__ = ["main", "parser"]
@@ -139,6 +139,27 @@ def parser() -> argparse.ArgumentParser:
         help="local engine KV pool size (default: sized from the workload)",
     )
     r.add_argument("--max-tokens", type=int, default=_R.max_tokens)
+    r.add_argument(
+        "--mix",
+        choices=MIXES,
+        default=_W.mix,
+        help="paper: the published slice edits; agent: clear, truncate, drop failed calls, "
+        "summarize, re-read (see leyline.evals.workload)",
+    )
+    r.add_argument(
+        "--label",
+        default=_R.label,
+        help="suffix for this run's arm names (exact@sglang-radix): tells servers apart in a "
+        "merged report",
+    )
+    r.add_argument(
+        "--merge-with",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="an earlier replay's results.json whose runs go first in this report "
+        "(e.g. the default radix cache, measured on its own server)",
+    )
     r.add_argument("--no-warmup", action="store_true")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--out", type=Path, default=None, help="report directory")
@@ -217,7 +238,8 @@ def _command(argv: Sequence[str]) -> str:
 
 def _replay_config(args: argparse.Namespace) -> ReplayConfig:
     return ReplayConfig(
-        workload=_workload(args, _W),
+        workload=dataclasses.replace(_workload(args, _W), mix=args.mix),
+        label=args.label,
         arms=args.arms,
         concurrency=args.concurrency,
         model=args.model,
@@ -247,14 +269,24 @@ def _consistency_config(args: argparse.Namespace) -> ConsistencyConfig:
     )
 
 
-def _run(cfg: ReplayConfig | ConsistencyConfig, out: Path, argv: Sequence[str]) -> int:
+def _run(
+    cfg: ReplayConfig | ConsistencyConfig,
+    out: Path,
+    argv: Sequence[str],
+    merge_with: Path | None = None,
+) -> int:
     """Run the eval the config is for, write its report, print the summary."""
     from leyline.evals import report
 
     if isinstance(cfg, ReplayConfig):
         from leyline.evals.replay import run_replay
 
-        paths = report.write_replay_report(out, run_replay(cfg), command=_command(argv))
+        result = run_replay(cfg)
+        if merge_with is not None:
+            from leyline.evals.replay import merge_results
+
+            result = merge_results(result, merge_with)
+        paths = report.write_replay_report(out, result, command=_command(argv))
     else:
         from leyline.evals.consistency import run_consistency
 
@@ -295,4 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"leyline eval {args.eval}: {exc}", file=sys.stderr)
         return 2
-    return _run(cfg, out, argv)
+    merge_with = getattr(args, "merge_with", None)
+    if merge_with is not None and not merge_with.is_file():
+        print(f"leyline eval replay: --merge-with {merge_with}: no such file", file=sys.stderr)
+        return 2
+    return _run(cfg, out, argv, merge_with)

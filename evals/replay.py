@@ -41,6 +41,7 @@ Metrics, per run (definitions also in ``summary.md``):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -49,10 +50,12 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from leyline.directives import Mode
 from leyline.errors import ServerError, TransportError
 from leyline.evals.workload import (
     CHARS_PER_TOKEN,
@@ -71,6 +74,7 @@ __all__ = [
     "RequestRecord",
     "arm_metrics",
     "default_kv_tokens",
+    "merge_results",
     "percentile",
     "run_replay",
 ]
@@ -84,15 +88,15 @@ class ArmSpec:
     session: bool
     directives: bool
     content_reuse: bool
-    forget: bool
+    mode: Mode = Mode.AMORTIZE  # every edit's mode (FORGET: deletions too)
 
 
 _SPECS = (
-    ArmSpec("exact", session=False, directives=False, content_reuse=False, forget=False),
-    ArmSpec("content", session=True, directives=False, content_reuse=True, forget=False),
-    ArmSpec("amortize", session=True, directives=True, content_reuse=False, forget=False),
-    ArmSpec("amortize+content", session=True, directives=True, content_reuse=True, forget=False),
-    ArmSpec("forget", session=True, directives=True, content_reuse=False, forget=True),
+    ArmSpec("exact", session=False, directives=False, content_reuse=False),
+    ArmSpec("content", session=True, directives=False, content_reuse=True),
+    ArmSpec("amortize", session=True, directives=True, content_reuse=False),
+    ArmSpec("amortize+content", session=True, directives=True, content_reuse=True),
+    ArmSpec("forget", session=True, directives=True, content_reuse=False, mode=Mode.FORGET),
 )
 ARMS: tuple[str, ...] = tuple(s.name for s in _SPECS)
 _BY_NAME = {s.name: s for s in _SPECS}
@@ -118,8 +122,14 @@ class ReplayConfig:
     timeout_s: float = 600.0
     warmup: bool = True
     progress: bool = True
+    label: str = ""
+    sample_interval_s: float = 0.25
 
     def __post_init__(self) -> None:
+        if self.label and not self.label.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"label must be letters, digits, '-' or '_', got {self.label!r}")
+        if self.sample_interval_s <= 0:
+            raise ValueError("sample_interval_s must be > 0")
         unknown = [a for a in self.arms if a not in _BY_NAME]
         if unknown or not self.arms:
             raise ValueError(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
@@ -178,6 +188,34 @@ class ReplayResult:
     config: ReplayConfig
     runs: list[dict[str, Any]]
     records: list[RequestRecord]
+    merged_from: list[str] = field(default_factory=list)
+
+
+def merge_results(result: ReplayResult, previous: Path) -> ReplayResult:
+    """``result`` with the runs and records of an earlier ``results.json`` put first.
+
+    For baselines that need their own server (SGLang's default radix cache beside the Leyline
+    backend): run each server's arms with its own ``--label``, then merge. Runs must not repeat
+    an (arm, concurrency) pair.
+    """
+    try:
+        data = json.loads(previous.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read replay results {previous}: {exc}") from exc
+    if data.get("eval") != "replay":
+        raise ValueError(f"{previous} is not a replay results.json")
+    runs = [*data["runs"], *result.runs]
+    pairs = [(run["arm"], run["concurrency"]) for run in runs]
+    if len(set(pairs)) != len(pairs):
+        raise ValueError(f"merging {previous} repeats (arm, C) runs; give each server a --label")
+    names = {f.name for f in dataclasses.fields(RequestRecord)}
+    earlier = [RequestRecord(**{k: v for k, v in r.items() if k in names}) for r in data["records"]]
+    return replace(
+        result,
+        runs=runs,
+        records=[*earlier, *result.records],
+        merged_from=[*data.get("merged_from", []), str(previous), *result.merged_from],
+    )
 
 
 def default_kv_tokens(workload: WorkloadConfig, concurrency: int) -> int:
@@ -246,7 +284,9 @@ def arm_metrics(records: Sequence[RequestRecord]) -> dict[str, Any]:
 def _agreement(records: Sequence[RequestRecord]) -> dict[tuple[str, int], float | None]:
     """First-token agreement of every run with the ``forget`` run at the same concurrency."""
     oracle = {
-        (r.concurrency, r.conversation, r.turn): r.first_text for r in records if r.arm == "forget"
+        (r.concurrency, r.conversation, r.turn): r.first_text
+        for r in records
+        if r.arm.split("@")[0] == "forget"
     }
     out: dict[tuple[str, int], list[bool]] = {}
     for r in records:
@@ -384,9 +424,8 @@ def _replay_conversations(
                     }
                     prepared = None
                     if session is not None:
-                        prepared = session.prepare(
-                            messages, forget=req.forget if spec.forget else ()
-                        )
+                        forget = req.forget if spec.mode is Mode.FORGET else ()
+                        prepared = session.prepare(messages, forget=forget, default_mode=spec.mode)
                         payload = prepared.to_payload()
                         if not spec.directives:
                             payload = replace(payload, directives=())
@@ -426,6 +465,55 @@ def _warm_up(base_url: str, model: str, cfg: ReplayConfig) -> None:
             session.commit(prepared)
         with suppress(httpx.HTTPError):
             http.delete(f"/leyline/sessions/{session.id}")
+
+
+def _kv_occupancy(http: httpx.Client) -> float | None:
+    """The server's KV pool occupancy now (used / capacity), or None if it does not say.
+
+    SGLang: ``GET /v1/loads?include=core`` (``num_used_tokens / max_total_num_tokens``, summed
+    over data-parallel ranks); the embedded engine: ``GET /v1/leyline/stats`` (``kv``).
+    """
+    for path in ("loads?include=core", "leyline/stats"):
+        try:
+            r = http.get(path)
+            body = r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            continue
+        if isinstance(body, dict) and isinstance(body.get("loads"), list):
+            used = sum(int(x.get("num_used_tokens", 0)) for x in body["loads"])
+            cap = sum(int(x.get("max_total_num_tokens", 0)) for x in body["loads"])
+            return used / cap if cap else None
+        if isinstance(body, dict) and isinstance(body.get("kv"), dict):
+            kv = body["kv"]
+            cap = int(kv.get("capacity_tokens") or 0)
+            return int(kv.get("used_tokens") or 0) / cap if cap else None
+    return None
+
+
+@contextmanager
+def _kv_sampler(base_url: str, cfg: ReplayConfig) -> Iterator[list[float]]:
+    """Sample the KV occupancy every ``cfg.sample_interval_s`` while the block runs."""
+    samples: list[float] = []
+    done = threading.Event()
+    headers = {"Authorization": f"Bearer {cfg.api_key}"}
+
+    def loop() -> None:
+        with httpx.Client(base_url=base_url + "/", timeout=10, headers=headers) as http:
+            while not done.is_set():
+                value = _kv_occupancy(http)
+                if value is None and not samples:
+                    return  # the server does not report occupancy
+                if value is not None:
+                    samples.append(value)
+                done.wait(cfg.sample_interval_s)
+
+    thread = threading.Thread(target=loop, name="leyline-kv-sampler", daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        thread.join(timeout=15)
 
 
 def _server_stats(base_url: str, cfg: ReplayConfig) -> Any:
@@ -484,13 +572,16 @@ def run_replay(cfg: ReplayConfig) -> ReplayResult:
                 threads = min(c, len(convs))
                 shares = [convs[i::threads] for i in range(threads)]
                 total = sum(len(conv.requests) for conv in convs)
-                started = time.perf_counter()
                 with _target(cfg, srv) as (base_url, model):
                     if cfg.warmup:
                         _warm_up(base_url, model, cfg)
                     lock = threading.Lock()
                     stop = threading.Event()
-                    with _progress(total, f"{arm} C={c}", cfg.progress) as bar:
+                    started = time.perf_counter()
+                    with (
+                        _progress(total, f"{arm} C={c}", cfg.progress) as bar,
+                        _kv_sampler(base_url, cfg) as kv_samples,
+                    ):
 
                         def tick(bar: Any = bar, lock: threading.Lock = lock) -> None:
                             if bar is not None:
@@ -519,17 +610,28 @@ def run_replay(cfg: ReplayConfig) -> ReplayResult:
                             except BaseException:
                                 stop.set()
                                 raise
+                    wall = time.perf_counter() - started
                     stats = _server_stats(base_url, cfg)
                 run_records.sort(key=lambda r: (r.conversation, r.turn))
                 records.extend(run_records)
+                metrics = arm_metrics(run_records)
+                metrics["requests_per_s"] = len(run_records) / wall if wall > 0 else None
+                metrics["prompt_tokens_per_s"] = metrics["prompt_tokens"] / wall if wall else None
+                metrics["kv_occupancy_peak"] = max(kv_samples, default=None)
+                metrics["kv_occupancy_mean"] = (
+                    sum(kv_samples) / len(kv_samples) if kv_samples else None
+                )
+                name = f"{arm}@{cfg.label}" if cfg.label else arm
+                for r in run_records:
+                    r.arm = name
                 runs.append(
                     {
-                        "arm": arm,
+                        "arm": name,
                         "concurrency": c,
                         "threads": threads,
                         "salt": salt,
-                        "wall_s": time.perf_counter() - started,
-                        "metrics": arm_metrics(run_records),
+                        "wall_s": wall,
+                        "metrics": metrics,
                         "server_stats": stats,
                     }
                 )

@@ -6,7 +6,7 @@ Every eval writes into its ``--out`` directory:
   machine (platform, CPU count, GPU name), the model and seed, per-run metrics and the raw
   per-request (or per-case) records;
 - ``summary.md``: a Markdown table of the metrics with their definitions;
-- plots: ``cache_hit.png`` and ``ttft_cdf.png`` (replay), ``kl_hist.png`` and
+- plots: ``cache_hit.png``, ``ttft_cdf.png`` and ``ttft_vs_c.png`` (replay), ``kl_hist.png`` and
   ``first_divergence.png`` (consistency).
 """
 
@@ -175,6 +175,38 @@ def cdf_chart(
     return path
 
 
+def line_chart(
+    path: Path,
+    xs: Sequence[float],
+    series: Mapping[str, Sequence[float | None]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    log_y: bool = False,
+) -> Path:
+    """One line per series over ``xs`` (None = a gap); dashed when the label ends in 'p99'."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, values in series.items():
+        pts = [(x, y) for x, y in zip(xs, values, strict=True) if y is not None]
+        if pts:
+            style = "--" if label.endswith("p99") else "-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
+    ax.set_xticks(list(xs), [str(x) for x in xs])
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def histogram(
     path: Path,
     series: Mapping[str, Sequence[float]],
@@ -213,13 +245,23 @@ _REPLAY_DEFS = """\
 - **TTFT**: client-side, request sent -> first streamed content piece (ms); *edit* = requests
   2..T; *server* = the engine's `leyline.ttft_ms` (includes queueing).
 - **agree**: first generated text piece equal to the FORGET arm's (greedy), requests 2..T.
+- **req/s**, **prompt tok/s**: requests and prompt tokens served per second of the run's wall
+  time (all client threads together, warm-up excluded).
+- **KV peak**: the largest sampled KV pool occupancy during the run (SGLang: `/v1/loads`
+  `num_used_tokens / max_total_num_tokens`; embedded engine: `/v1/leyline/stats`), sampled
+  every 0.25 s; empty when the server does not report it.
+"""
+
+_PUBLISHED = """Published (the seed paper, SGLang, same workload shape, scale 1.0): cache-hit 49.6% with
+SGLang's radix cache vs 60.8% with Leyline; p50 TTFT -241 ms at C=8, +45 ms at C=16.
 """
 
 
 def write_replay_report(
     out: Path, result: ReplayResult, *, command: str | None = None
 ) -> list[Path]:
-    """Write results.json, summary.md, cache_hit.png and ttft_cdf.png; returns the paths."""
+    """Write results.json, summary.md, cache_hit.png, ttft_cdf.png and ttft_vs_c.png; returns
+    the paths."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = result.config
     data = {
@@ -230,6 +272,7 @@ def write_replay_report(
         "seed": cfg.workload.seed,
         **environment(),
         "runs": result.runs,
+        "merged_from": result.merged_from,
         "records": [asdict(r) for r in result.records],
     }
     paths = [write_json(out / "results.json", data)]
@@ -248,8 +291,12 @@ def write_replay_report(
         "TTFT p50",
         "TTFT p99",
         "TTFT edit p50",
+        "TTFT edit p99",
         "server TTFT p50",
         "latency p50",
+        "req/s",
+        "prompt tok/s",
+        "KV peak",
         "agree",
     ]
     rows = []
@@ -270,8 +317,12 @@ def write_replay_report(
                 fmt(m["ttft_p50_ms"], "ms"),
                 fmt(m["ttft_p99_ms"], "ms"),
                 fmt(m["ttft_edit_p50_ms"], "ms"),
+                fmt(m["ttft_edit_p99_ms"], "ms"),
                 fmt(m["ttft_server_p50_ms"], "ms"),
                 fmt(m["latency_p50_ms"], "ms"),
+                fmt(m.get("requests_per_s")),
+                fmt(m.get("prompt_tokens_per_s"), "ms"),
+                fmt(m.get("kv_occupancy_peak"), "pct"),
                 fmt(m["first_token_agreement"], "pct"),
             ]
         )
@@ -283,9 +334,15 @@ def write_replay_report(
         f"{w.conversations} conversations x {w.turns} turns, max_tokens {cfg.max_tokens}, "
         "greedy. Times in ms.\n",
     ]
+    text[-1] = text[-1].replace("greedy.", f"greedy; edit mix `{w.mix}`.")
     if command:
         text.append(f"Command: `{command}`\n")
-    text += [markdown_table(headers, rows), "\n", _REPLAY_DEFS]
+    if result.merged_from:
+        text.append("Runs merged in first from: " + ", ".join(result.merged_from) + "\n")
+    text += [markdown_table(headers, rows), "\n"]
+    if w.mix == "paper":
+        text.append(_PUBLISHED)
+    text.append(_REPLAY_DEFS)
     (out / "summary.md").write_text("\n".join(text))
     paths.append(out / "summary.md")
 
@@ -327,6 +384,21 @@ def write_replay_report(
             title="TTFT after an edit (client-side)",
             xlabel="ms",
             log_x=True,
+        )
+    )
+    ttft: dict[str, list[float | None]] = {}
+    for a in arms:
+        for q in ("p50", "p99"):
+            ttft[f"{a} {q}"] = [by.get((a, c), {}).get(f"ttft_edit_{q}_ms") for c in levels]
+    paths.append(
+        line_chart(
+            out / "ttft_vs_c.png",
+            levels,
+            ttft,
+            title="TTFT after an edit vs client concurrency",
+            xlabel="concurrency C",
+            ylabel="ms",
+            log_y=True,
         )
     )
     return paths

@@ -23,6 +23,24 @@ request from the second on, one edit is applied to the slice (message 1), cyclin
 - ``replace_longer``: a block is replaced by a fresh excerpt ~1.6x as long (a re-read file);
 - ``move``: a block moves to the end of the slice (or to the front if it is already last).
 
+With ``mix="agent"`` the slice stays as it is and the edits are the ones agents make to their
+own history, cycling through ``AGENT_EDIT_KINDS`` (again in a per-conversation seeded order):
+
+- ``clear``: the oldest tool output not yet edited becomes a placeholder (LangChain's
+  ``ClearToolUsesEdit``, Anthropic's context editing);
+- ``truncate``: the oldest tool output not yet edited keeps its first ~200 characters plus a
+  marker (``truncate_older_than(n, max_chars=200)``);
+- ``drop_failed``: the turn before the previous one was a failed tool call ("Command failed
+  with output: ..."); its reply and output are removed (``DropFailedToolCalls``);
+- ``summarize``: the two oldest turns not yet summarized become one short summary message
+  (LangChain's ``SummarizationMiddleware``, OpenHands condensers), the turns after it stay;
+- ``reread``: nothing is edited, but the new turn's tool output repeats, verbatim, text the
+  previous request showed (an older tool output or a file excerpt of the slice): moved
+  content, which only content-addressed reuse finds.
+
+An edit that cannot apply yet (nothing to clear, summarize or drop) becomes ``truncate``, or
+``reread`` when no tool output is left to truncate.
+
 Sizes are multiplied by ``scale``. The same config (seed included) gives the same workload.
 A non-empty ``salt`` (used against a shared endpoint) changes every text, not just a line at the
 top: content-addressed reuse finds identical chunks anywhere, so only different text keeps two
@@ -43,8 +61,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "AGENT_EDIT_KINDS",
     "CHARS_PER_TOKEN",
+    "CLEARED",
     "EDIT_KINDS",
+    "MIXES",
     "SLICE_MESSAGE",
     "Conversation",
     "Edit",
@@ -57,6 +78,9 @@ __all__ = [
 # cl100k gives ~3.3-4 on this generated text, SmolLM2's tokenizer ~3-3.5 (more tokens).
 CHARS_PER_TOKEN = 4
 EDIT_KINDS = ("delete", "replace_shorter", "replace_longer", "move")
+AGENT_EDIT_KINDS = ("clear", "truncate", "drop_failed", "summarize", "reread")
+MIXES = ("paper", "agent")  # which edits: the published slice edits, or agents' history edits
+CLEARED = "[tool output cleared]"
 SLICE_MESSAGE = 1  # index of the message that holds the mutation slice
 
 _WORD_TEXT = (
@@ -85,6 +109,7 @@ class WorkloadConfig:
     mutation_tokens: int = 3200
     blocks: int = 8
     salt: str = ""
+    mix: str = "paper"
 
     def __post_init__(self) -> None:
         if not 0 < self.scale <= 16:
@@ -95,6 +120,8 @@ class WorkloadConfig:
             raise ValueError("system_tokens, turn_tokens and mutation_tokens must be >= 1")
         if self.blocks < 2:
             raise ValueError(f"the mutation slice needs >= 2 blocks, got {self.blocks}")
+        if self.mix not in MIXES:
+            raise ValueError(f"mix must be one of {', '.join(MIXES)}, got {self.mix!r}")
 
     def chars(self, tokens: int) -> int:
         """Characters for ``tokens`` estimated tokens at this scale (at least 40)."""
@@ -108,11 +135,14 @@ class WorkloadConfig:
 
 @dataclass(frozen=True, slots=True)
 class Edit:
-    """One edit of the mutation slice, applied before a request.
+    """One edit, applied before a request.
 
-    ``block`` is the edited block's index before the edit; ``target`` its index after a move.
-    ``removed_chars``/``inserted_chars`` count the block text taken out and the new text put
-    in (a move inserts no new text: the moved content is unchanged).
+    Paper mix: ``message`` is the slice, ``block`` the edited block's index before the edit,
+    ``target`` its index after a move. Agent mix: ``message`` is the first message of the
+    previous request that the edit touched, ``block`` the edited turn (1-based); for ``reread``
+    ``message`` is the new tool output, ``target`` the message whose text it repeats and
+    ``block`` that turn (or the slice block). ``removed_chars``/``inserted_chars`` count the text taken out and the
+    new text put in (a move or a re-read inserts no new text: that content is unchanged).
     """
 
     kind: str
@@ -321,6 +351,12 @@ def _edit(srng: random.Random, rng: random.Random, blocks: list[str], kind: str)
 
 
 def _conversation(cfg: WorkloadConfig, index: int, system: str) -> Conversation:
+    if cfg.mix == "agent":
+        return _agent_conversation(cfg, index, system)
+    return _paper_conversation(cfg, index, system)
+
+
+def _paper_conversation(cfg: WorkloadConfig, index: int, system: str) -> Conversation:
     # the edit schedule does not depend on the salt; the text does (see WorkloadConfig.salt)
     srng = random.Random(f"leyline-replay:{cfg.seed}:conv:{index}:edits")
     rng = random.Random(f"leyline-replay:{cfg.seed}:{cfg.salt}:conv:{index}")
@@ -357,6 +393,146 @@ def _conversation(cfg: WorkloadConfig, index: int, system: str) -> Conversation:
                 edit=edit,
                 new_chars=new_chars,
                 forget=(edit.message,) if edit is not None else (),
+            )
+        )
+    return Conversation(index=index, requests=tuple(requests))
+
+
+@dataclass
+class _Turn:
+    """One turn of an agent-mix history as it stands now (``state`` says how it was edited)."""
+
+    k: int
+    reply: str
+    output: str  # the original output (a re-read copies it even after it was cleared)
+    shown: str  # what the history shows now
+    state: str = "kept"  # kept | cleared | truncated | failed | summarized
+
+
+def _failed_output(rng: random.Random, k: int) -> str:
+    return (
+        f"Command failed with output (step {k}):\n"
+        + _text(rng, 300, "log")
+        + f"\nError: exit status {rng.randint(1, 127)}"
+    )
+
+
+def _agent_history(turns: list[_Turn]) -> list[dict[str, str]]:
+    """The turn messages: a summarized run of turns shows as one assistant message."""
+    out: list[dict[str, str]] = []
+    for t in turns:
+        if t.state == "summarized":
+            if t.shown:  # the first turn of a summarized pair carries the summary
+                out.append({"role": "assistant", "content": t.shown})
+                out.append({"role": "user", "content": "Continue."})
+            continue
+        out.append({"role": "assistant", "content": t.reply})
+        out.append({"role": "user", "content": t.shown})
+    return out
+
+
+def _agent_edit(
+    rng: random.Random, turns: list[_Turn], blocks: list[str], kind: str
+) -> tuple[Edit, str]:
+    """Apply ``kind`` to the older turns (all but the one being added); returns the edit and,
+    for ``reread``, the text the new tool output repeats ("" otherwise)."""
+    older = turns[:-1]
+    first_msg = 2  # system, slice, then the turns' messages
+
+    def msg_of(turn: _Turn) -> int:
+        shown = [u for u in older if u.state != "summarized" or u.shown]
+        return first_msg + 2 * shown.index(turn)
+
+    fresh = [u for u in older if u.state == "kept"]
+    if kind == "drop_failed":
+        failed = [u for u in older if u.state == "failed"]
+        if failed:
+            victim = failed[0]
+            at = msg_of(victim)
+            turns.remove(victim)
+            return Edit(kind, at, victim.k, len(victim.reply) + len(victim.shown), 0), ""
+        kind = "truncate"
+    if kind == "summarize":
+        pair = [u for u in older[:-1] if u.state in ("kept", "cleared", "truncated")][:2]
+        if len(pair) == 2 and older.index(pair[1]) == older.index(pair[0]) + 1:
+            at = msg_of(pair[0])
+            removed = sum(len(u.reply) + len(u.shown) for u in pair) + 0
+            summary = f"Summary of steps {pair[0].k}-{pair[1].k}: " + _prose(
+                rng, max(40, removed // 10)
+            )
+            pair[0].state, pair[0].shown = "summarized", summary
+            pair[1].state, pair[1].shown = "summarized", ""
+            return Edit(kind, at, pair[0].k, removed, len(summary) + len("Continue.")), ""
+        kind = "truncate"
+    if kind in ("clear", "truncate") and fresh:
+        victim = fresh[0]
+        at = msg_of(victim) + 1  # the tool output, after the reply that called the tool
+        old = victim.shown
+        if kind == "clear":
+            victim.shown, victim.state = CLEARED, "cleared"
+        else:
+            victim.shown = old[:200] + f"\n[... {len(old) - 200} characters truncated ...]"
+            victim.state = "truncated"
+        return Edit(kind, at, victim.k, len(old), len(victim.shown)), ""
+    # reread (or nothing left to clear or truncate): the new output repeats an earlier one
+    # reread: text the previous request showed in full (an older tool output, or a file excerpt
+    # of the slice) comes back in the new output; ``target`` is the message it was in
+    sources = [(msg_of(u) + 1, u.k, u.output) for u in older if u.state == "kept"]
+    sources += [(SLICE_MESSAGE, b, text) for b, text in enumerate(blocks)]
+    where, block, text = rng.choice(sources)
+    at = first_msg + len(_agent_history(older)) + 1  # the new tool output
+    return Edit("reread", at, block, 0, 0, target=where), text
+
+
+def _agent_conversation(cfg: WorkloadConfig, index: int, system: str) -> Conversation:
+    srng = random.Random(f"leyline-replay:{cfg.seed}:conv:{index}:agent-edits")
+    rng = random.Random(f"leyline-replay:{cfg.seed}:{cfg.salt}:conv:{index}:agent")
+    n_blocks = cfg.slice_blocks
+    per_block = cfg.chars(cfg.mutation_tokens) // n_blocks
+    blocks = [_block(rng, b, per_block) for b in range(n_blocks)]
+    task = f"Task {index}: " + _prose(rng, max(40, cfg.chars(cfg.turn_tokens) // 10))
+    kinds = list(AGENT_EDIT_KINDS)
+    srng.shuffle(kinds)
+    schedule = [kinds[(t - 2) % len(kinds)] for t in range(2, cfg.turns + 1)]  # request t >= 2
+    turns: list[_Turn] = []
+    requests: list[Request] = []
+    for t in range(1, cfg.turns + 1):
+        reply, output = _turn(rng, cfg, t)
+        state = "kept"
+        # a turn whose failure the request two turns later drops is a failed call (unless
+        # this turn re-reads an earlier output: then that drop becomes a truncation)
+        rereads = t >= 2 and schedule[t - 2] == "reread"
+        if t + 2 <= cfg.turns and schedule[t] == "drop_failed" and not rereads:
+            output, state = _failed_output(rng, t), "failed"
+        turns.append(_Turn(t, reply, output, output, state))
+        edit = None
+        new_chars = 0
+        if t > 1:
+            edit, reread = _agent_edit(srng, turns, blocks, schedule[t - 2])
+            last = turns[-1]
+            new_chars = len(last.reply) + len(last.shown) + edit.inserted_chars
+            if reread:  # the re-read text is unchanged content that moved
+                head = "Re-reading earlier output:\n"
+                last.output = last.shown = head + reread + "\n" + last.output
+                new_chars += len(head) + 1
+        messages = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": _slice_message(task, blocks)},
+            *_agent_history(turns),
+        ]
+        if t == 1:
+            new_chars = sum(len(m["content"]) for m in messages)
+        forget: tuple[int, ...] = ()
+        if edit is not None and edit.kind in ("clear", "truncate", "summarize"):
+            forget = (edit.message,)
+        requests.append(
+            Request(
+                conversation=index,
+                turn=t,
+                messages=tuple(messages),
+                edit=edit,
+                new_chars=new_chars,
+                forget=forget,
             )
         )
     return Conversation(index=index, requests=tuple(requests))

@@ -8,6 +8,12 @@
 #                verified; benchmarks/sglang_correctness.py
 #   wrap         leyline.wrap under the real openai client, a multi-turn agent conversation
 #                with truncation edits against the leyline backend; scripts/gpu/wrap_conversation.py
+#   replay       `leyline eval replay` (the paper's message-edit workload, Llama-3.1-8B shape):
+#                the plain client on the default radix cache (server 1), then every Leyline arm
+#                on the leyline backend (server 2), merged into one report in $OUT/replay_$MIX
+#                (summary.md, results.json, 3 plots). MIX=paper|agent, SCALE (1.0), CONC
+#                (1,4,8,16), CONVS (16), ARMS (the Leyline arms). Not run yet: written while no
+#                GPU was lent (2026-12-05); budget ~8-10 min per MIX at scale 1.0.
 # Results and server logs go to $OUT (default /tmp/leyline-gpu). SGLang's prefill CUDA graphs
 # are on (serve.sh) and the speed files are named *_pcg_*; SGLANG_PREFILL_CUDA_GRAPH=0 turns
 # them off (files without _pcg; MLA models run without them either way: SGLang disables them).
@@ -52,5 +58,24 @@ case "${1:-speed}" in
       --out "$OUT/wrap.json" 2>&1 | tee "$OUT/wrap.log"
     python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$SGLANG_PORT/v1/leyline/info').read().decode())" | tee -a "$OUT/wrap.log"
     sglang_stop ;;
-  *) echo "usage: $0 speed|speed-mla|correctness|wrap" >&2; exit 2 ;;
+  replay)
+    MIX=${MIX:-paper}; R=$OUT/replay_$MIX
+    eval_replay() { python3 -c 'import sys; from leyline.cli import main; sys.exit(main())' \
+      eval replay --endpoint "http://127.0.0.1:$SGLANG_PORT/v1" --model default --mix "$MIX" \
+      --scale "${SCALE:-1.0}" --conversations "${CONVS:-16}" --turns 6 \
+      --concurrency "${CONC:-1,4,8,16}" --max-tokens 4 --no-progress "$@"; }
+    sglang_start replay_default /tmp/models/llama-3.1-8b --load-format dummy \
+      --mem-fraction-static 0.8 || exit 1
+    eval_replay --arms exact --label radix --out "$R.radix" > "$OUT/replay_${MIX}_radix.log" 2>&1
+    sglang_stop
+    sglang_start replay_leyline /tmp/models/llama-3.1-8b --load-format dummy \
+      --mem-fraction-static 0.8 --radix-cache-backend leyline || exit 1
+    eval_replay --arms "${ARMS:-exact,amortize,amortize+content,forget}" --label leyline \
+      --merge-with "$R.radix/results.json" --out "$R" > "$OUT/replay_${MIX}.log" 2>&1
+    sglang_stop
+    # SGLang's own idle-time KV checks (scheduler_components/invariant_checker.py) warn in the log
+    grep -iE "memory leak|double free|use-after-free" "$OUT"/server_replay_*.log && echo "replay: LEAK reported" \
+      || echo "replay: no memory leak reported by the servers"
+    cat "$R/summary.md" ;;
+  *) echo "usage: $0 speed|speed-mla|correctness|wrap|replay" >&2; exit 2 ;;
 esac

