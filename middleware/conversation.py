@@ -13,9 +13,9 @@ payload (``invalid_payload``, ``stale_version``, ...) is raised, not swallowed.
 
 Modes: the session's diff gives every edit FORGET when it produces a message the policy marked
 ``forget``, else the conversation's ``default_mode``. :func:`apply_policy_modes` then applies the
-policy's other marks: an edit whose every part the policy marked AMORTIZE is AMORTIZE, and a
-removal is served in the mode the policy gave it (a directive that touches anything FORGET stays
-FORGET).
+policy's other marks: a directive takes the strictest mode of what it touches (FORGET, then
+REPAIR, then AMORTIZE), a removal counting with the mode the policy gave it; REPAIR directives
+carry the conversation's ``repair_window`` (``None``: the server's default).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import openai
 
 from leyline.accounting import Accounting
-from leyline.directives import Mode, parse_mode
+from leyline.directives import Mode, parse_mode, validate_window
 from leyline.middleware.messages import Message, as_message_dicts
 from leyline.middleware.policies import Policy, PolicyLike, PolicyResult, as_policy
 from leyline.protocol import carries_payload
@@ -85,15 +85,18 @@ def apply_policy_modes(
     base: Sequence[Segment] | None,
     previous: Sequence[Mapping[str, Any]] | None,
     default_mode: Mode = Mode.AMORTIZE,
+    window: int | None = None,
 ) -> Prepared:
     """``prepared`` with each directive's mode set from the policy's marks in ``result``.
 
     ``base`` is the session's committed segments (``session.base_segments`` before the commit)
     and ``previous`` the messages of that version, so a removed base message can be matched to
     ``result.dropped``. A directive is FORGET when a message it produces is marked FORGET (or
-    unmarked, under a FORGET default) or it removes a message dropped with FORGET; AMORTIZE
-    when everything it touches is marked AMORTIZE; ``default_mode`` when nothing it touches is
-    marked (e.g. the caller deleted messages itself).
+    unmarked, under a FORGET default) or it removes a message dropped with FORGET; else REPAIR
+    when anything it touches is REPAIR (marked, dropped, or unmarked under a REPAIR default);
+    AMORTIZE when everything it touches is marked AMORTIZE; ``default_mode`` when nothing it
+    touches is marked (e.g. the caller deleted messages itself). REPAIR directives get
+    ``window``.
 
     >>> from leyline.middleware import TruncateOlderThan
     >>> call = {"id": "a", "type": "function", "function": {"name": "cat", "arguments": "{}"}}
@@ -111,7 +114,9 @@ def apply_policy_modes(
     >>> [d.mode.value for d in prep.directives]
     ['amortize']
     """
-    if not prepared.directives or base is None or not (result.amortize or result.dropped):
+    if not prepared.directives or base is None:
+        return prepared
+    if not (result.amortize or result.repair or result.dropped):
         return prepared
     if previous is not None and (not base or len(previous) != base[-1].message + 1):
         previous = None  # why: not the messages of the base version (a swapped session)
@@ -121,14 +126,21 @@ def apply_policy_modes(
         for j in {prepared.segments[k].message for k in range(*d.replacement)}:
             if j in result.forget:
                 modes.add(Mode.FORGET)
+            elif j in result.repair:
+                modes.add(Mode.REPAIR)
             else:
                 modes.add(Mode.AMORTIZE if j in result.amortize else default_mode)
         if previous is not None:
             for b in {base[k].message for k in range(d.start, d.end)}:
                 modes.update(mode for msg, mode in result.dropped if msg == previous[b])
-        mode = Mode.FORGET if Mode.FORGET in modes else Mode.AMORTIZE if modes else default_mode
-        directives.append(dataclasses.replace(d, mode=mode))
+        mode = next((m for m in _STRICTEST if m in modes), default_mode)
+        directives.append(
+            dataclasses.replace(d, mode=mode, window=window if mode is Mode.REPAIR else None)
+        )
     return dataclasses.replace(prepared, directives=tuple(directives))
+
+
+_STRICTEST = (Mode.FORGET, Mode.REPAIR, Mode.AMORTIZE)
 
 
 class Conversation:
@@ -136,7 +148,8 @@ class Conversation:
 
     ``policy`` may be a :class:`~leyline.middleware.Policy` or a plain function
     ``messages -> messages`` (:func:`~leyline.middleware.as_policy`); ``default_mode`` is the
-    mode of edits the policy does not mark, pure deletions included.
+    mode of edits the policy does not mark, pure deletions included; ``repair_window`` the
+    recompute window of REPAIR edits (``None``: the server's default).
 
     >>> conv = Conversation(lambda messages: messages[-1:])
     >>> plan = conv.plan({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
@@ -151,11 +164,14 @@ class Conversation:
         *,
         leyline: bool = True,
         default_mode: Mode | str = Mode.AMORTIZE,
+        repair_window: int | None = None,
     ) -> None:
         self._policy: Policy = as_policy(policy)
         self.session = session if session is not None else Session()
         #: Mode of edits the policy does not mark (pure deletions included).
         self.default_mode = parse_mode(default_mode, name="default_mode")
+        #: Recompute window of REPAIR edits (``None``: the server's default).
+        self.repair_window = validate_window(repair_window, Mode.REPAIR, name="repair_window")
         #: False once a server refused the ``leyline`` field: requests go without it.
         self.leyline_enabled = leyline
         self.last_accounting: Accounting | None = None
@@ -189,6 +205,7 @@ class Conversation:
             forget=result.forget,
             tools=tools if isinstance(tools, list) else None,
             default_mode=self.default_mode,
+            window=self.repair_window,
         )
         prepared = apply_policy_modes(
             prepared,
@@ -196,6 +213,7 @@ class Conversation:
             base=self.session.base_segments,
             previous=self._committed,
             default_mode=self.default_mode,
+            window=self.repair_window,
         )
         sent["extra_body"] = prepared.to_payload().attach(
             user_extra if isinstance(user_extra, dict) else None

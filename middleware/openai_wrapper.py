@@ -24,6 +24,12 @@ included (:attr:`leyline.Mode.AMORTIZE` unless set)::
 
     client = leyline.wrap(raw, policy=lambda messages: messages[-20:], default_mode=Mode.FORGET)
 
+``default_mode="repair"`` serves edits like AMORTIZE but recomputes a window of tokens after
+each edit (``repair_window`` tokens, or the server's default), which keeps answers much closer
+to an exact re-prefill at a fraction of its cost (docs/repair.md)::
+
+    client = leyline.wrap(raw, policy=TruncateOlderThan(n=2), default_mode="repair")
+
 One wrapped client is one conversation (one session): wrap a client per agent trajectory, and
 do not share one between concurrent conversations.
 """
@@ -51,20 +57,24 @@ def wrap(
     session: Session | None = None,
     *,
     default_mode: Mode | str = Mode.AMORTIZE,
+    repair_window: int | None = None,
 ) -> WrappedClient[ClientT]:
     """Wrap an ``openai.OpenAI`` or ``openai.AsyncOpenAI`` client (see the module docstring).
 
     ``policy`` (a :class:`~leyline.middleware.Policy` or a function ``messages -> messages``)
     defaults to :class:`~leyline.middleware.KeepAll`; ``session`` to a new
     :class:`leyline.Session`; ``default_mode`` is the mode of edits no policy marks (deletions
-    included).
+    included); ``repair_window`` the recompute window of REPAIR edits in tokens (``None``: the
+    server's default).
     """
     if not isinstance(client, openai.OpenAI | openai.AsyncOpenAI):
         raise TypeError(
             f"leyline.wrap expects an openai.OpenAI or openai.AsyncOpenAI client, "
             f"got {type(client).__name__}"
         )
-    conversation = Conversation(as_policy(policy), session, default_mode=default_mode)
+    conversation = Conversation(
+        as_policy(policy), session, default_mode=default_mode, repair_window=repair_window
+    )
     return WrappedClient(client, conversation)
 
 

@@ -15,9 +15,10 @@ Every policy here is
   edited messages (a LangGraph state, a replayed trace) are safe;
 - **valid-preserving**: no orphan tool messages, tool call ids untouched.
 
-Modes: every policy that edits takes ``mode`` (:attr:`~leyline.Mode.AMORTIZE` or
-:attr:`~leyline.Mode.FORGET`); ``None`` leaves its edits to the adapter's ``default_mode``
-(``leyline.wrap(..., default_mode=...)``, AMORTIZE unless set). A plain function
+Modes: every policy that edits takes ``mode`` (:attr:`~leyline.Mode.AMORTIZE`,
+:attr:`~leyline.Mode.FORGET` or :attr:`~leyline.Mode.REPAIR`, or their value strings); ``None``
+leaves its edits to the adapter's ``default_mode`` (``leyline.wrap(..., default_mode=...)``,
+AMORTIZE unless set). A plain function
 ``messages -> messages`` is a policy too (:func:`as_policy`); its edits get ``default_mode``.
 
 >>> from leyline.middleware import TruncateOlderThan, Redact
@@ -36,7 +37,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypedDict
 
 from leyline.directives import Mode, parse_mode
 from leyline.middleware.messages import Message, map_text, message_text, tool_results, turn_of
@@ -110,10 +111,11 @@ class PolicyResult:
     be re-prefilled exactly; ``sources``: for each output message, the input index it came from;
     ``amortize``: indices into ``messages`` whose edits are AMORTIZE whatever the adapter's
     ``default_mode``; ``dropped``: input messages the policy removed, each with the mode its
-    removal asks for.
+    removal asks for; ``repair``: indices into ``messages`` whose edits are REPAIR (AMORTIZE
+    plus a recompute window after the edit).
 
-    Edits of messages in neither set, and removals not in ``dropped``, get the adapter's
-    ``default_mode``; an index in both sets is FORGET.
+    Edits of messages in no set, and removals not in ``dropped``, get the adapter's
+    ``default_mode``; an index in several sets takes the strictest mode (FORGET, then REPAIR).
     """
 
     messages: tuple[Message, ...]
@@ -121,12 +123,14 @@ class PolicyResult:
     sources: tuple[int, ...] = ()
     amortize: frozenset[int] = frozenset()
     dropped: tuple[tuple[Message, Mode], ...] = ()
+    repair: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if len(self.sources) != len(self.messages):
             raise ValueError("sources must give one input index per output message")
-        if any(not 0 <= i < len(self.messages) for i in self.forget | self.amortize):
-            raise ValueError("forget and amortize indices must point into messages")
+        marked = self.forget | self.amortize | self.repair
+        if any(not 0 <= i < len(self.messages) for i in marked):
+            raise ValueError("forget, amortize and repair indices must point into messages")
         if any(not isinstance(mode, Mode) for _, mode in self.dropped):
             raise ValueError("each dropped message needs a leyline.Mode")
 
@@ -164,20 +168,29 @@ def _coerce_mode(mode: object) -> Mode | None:
     return None if mode is None else parse_mode(mode)
 
 
-def _marks(mode: Mode | None, edited: set[int]) -> tuple[frozenset[int], frozenset[int]]:
-    """``(forget, amortize)`` for the ``edited`` output indices under a policy's ``mode``."""
+class _Marks(TypedDict):
+    forget: frozenset[int]
+    amortize: frozenset[int]
+    repair: frozenset[int]
+
+
+def _marks(mode: Mode | None, edited: set[int]) -> _Marks:
+    """:class:`PolicyResult`'s ``forget``, ``amortize`` and ``repair`` for the ``edited``
+    output indices under a policy's ``mode``."""
     marked = frozenset(edited)
-    return (
-        marked if mode is Mode.FORGET else frozenset(),
-        marked if mode is Mode.AMORTIZE else frozenset(),
+    none: frozenset[int] = frozenset()
+    return _Marks(
+        forget=marked if mode is Mode.FORGET else none,
+        amortize=marked if mode is Mode.AMORTIZE else none,
+        repair=marked if mode is Mode.REPAIR else none,
     )
 
 
 def _mode_and_forget(policy: Any) -> None:
     """Reconcile a policy's legacy ``forget: bool`` with its ``mode`` (frozen dataclass)."""
     mode = _coerce_mode(policy.mode)
-    if policy.forget and mode is Mode.AMORTIZE:
-        raise ValueError("forget=True asks for FORGET, which contradicts mode=AMORTIZE")
+    if policy.forget and mode not in (None, Mode.FORGET):
+        raise ValueError(f"forget=True asks for FORGET, which contradicts mode={mode.name}")
     if policy.forget:
         mode = Mode.FORGET
     object.__setattr__(policy, "mode", mode)
@@ -201,8 +214,7 @@ def _edit_contents(
             edited.add(i)
         else:
             out.append(dict(m))
-    forget, amortize = _marks(mode, edited)
-    return PolicyResult(tuple(out), forget, tuple(range(len(out))), amortize)
+    return PolicyResult(tuple(out), sources=tuple(range(len(out))), **_marks(mode, edited))
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,8 +441,7 @@ class Redact(Policy):
             if new != m:
                 edited.add(i)
             out.append(new)
-        forget, amortize = _marks(self.mode, edited)
-        return PolicyResult(tuple(out), forget, tuple(range(len(out))), amortize)
+        return PolicyResult(tuple(out), sources=tuple(range(len(out))), **_marks(self.mode, edited))
 
     def _redact_call(self, call: Mapping[str, Any]) -> Any:
         fn = call.get("function")
@@ -520,9 +531,10 @@ class DropFailedToolCalls(Policy):
                     edited.add(len(out))
             out.append(new)
             sources.append(i)
-        forget, amortize = _marks(self.mode, edited)
         marked = tuple((m, self.mode) for m in removed) if self.mode is not None else ()
-        return PolicyResult(tuple(out), forget, tuple(sources), amortize, marked)
+        return PolicyResult(
+            tuple(out), sources=tuple(sources), dropped=marked, **_marks(self.mode, edited)
+        )
 
 
 _THINK_TAG = re.compile(r"[A-Za-z][\w.-]*")
@@ -592,8 +604,7 @@ class DropReasoning(Policy):
             if new != m:
                 edited.add(i)
             out.append(new)
-        forget, amortize = _marks(self.mode, edited)
-        return PolicyResult(tuple(out), forget, tuple(range(len(out))), amortize)
+        return PolicyResult(tuple(out), sources=tuple(range(len(out))), **_marks(self.mode, edited))
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -601,8 +612,8 @@ class Compose(Policy):
     """Apply policies left to right; ``Compose(a, b)`` is ``a | b`` (plain functions are
     wrapped by :func:`as_policy`).
 
-    Forget and amortize marks and sources are carried through: a message one policy marked
-    FORGET stays marked wherever later policies move it; removals add up.
+    Forget, repair and amortize marks and sources are carried through: a message one policy
+    marked FORGET stays marked wherever later policies move it; removals add up.
     """
 
     policies: tuple[Policy, ...]
@@ -624,6 +635,8 @@ class Compose(Policy):
             forget.update(j for j, src in enumerate(step.sources) if src in result.forget)
             amortize = set(step.amortize)
             amortize.update(j for j, src in enumerate(step.sources) if src in result.amortize)
+            repair = set(step.repair)
+            repair.update(j for j, src in enumerate(step.sources) if src in result.repair)
             sources = tuple(result.sources[src] for src in step.sources)
             result = PolicyResult(
                 step.messages,
@@ -631,6 +644,7 @@ class Compose(Policy):
                 sources,
                 frozenset(amortize),
                 result.dropped + step.dropped,
+                frozenset(repair),
             )
         return result
 

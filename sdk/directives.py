@@ -7,7 +7,11 @@ tokens after the edit:
 
 - ``amortize`` keeps the suffix's cached KV and only moves its rotary part (fast, approximate:
   the suffix still "saw" the old span);
-- ``forget`` re-prefills everything after the edit point (exact, for redaction).
+- ``forget`` re-prefills everything after the edit point (exact, for redaction);
+- ``repair`` is ``amortize`` plus a recompute window: the first ``window`` tokens of the suffix
+  (``k``; omitted = the server's default) are prefilled again in the context of the prefix and
+  the replacement (exact), the rest is spliced as with ``amortize``. The window holds most of
+  the suffix's deviation from an exact re-prefill (docs/repair.md measures how much).
 
 The server maps segment spans to token spans with its own tokenizer and applies a directive only
 if the result equals the request's tokens, so a wrong directive costs speed, never content.
@@ -17,13 +21,24 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from leyline.errors import DirectiveError
 
-__all__ = ["Directive", "Mode", "directives_from_wire", "parse_mode", "validate_directives"]
+__all__ = [
+    "MAX_WINDOW",
+    "Directive",
+    "Mode",
+    "directives_from_wire",
+    "parse_mode",
+    "validate_directives",
+    "validate_window",
+]
+
+#: The largest ``window`` a directive may carry (a window past the suffix covers all of it).
+MAX_WINDOW = 2**31 - 1
 
 
 class Mode(StrEnum):
@@ -31,6 +46,7 @@ class Mode(StrEnum):
 
     AMORTIZE = "amortize"
     FORGET = "forget"
+    REPAIR = "repair"
 
 
 def parse_mode(value: object, *, name: str = "mode") -> Mode:
@@ -45,42 +61,82 @@ def parse_mode(value: object, *, name: str = "mode") -> Mode:
         return Mode(str(value))
     except ValueError:
         raise ValueError(
-            f"{name} must be leyline.Mode.AMORTIZE or Mode.FORGET ('amortize' or 'forget'), "
-            f"got {value!r}"
+            f"{name} must be leyline.Mode.AMORTIZE, Mode.FORGET or Mode.REPAIR ('amortize', "
+            f"'forget' or 'repair'), got {value!r}"
         ) from None
+
+
+def validate_window(window: object, mode: object, *, name: str = "window") -> int | None:
+    """``window`` (a REPAIR directive's recompute window ``k``, in tokens; ``None``: the
+    server's default) checked against ``mode``; ``ValueError`` naming ``name`` otherwise.
+
+    >>> validate_window(64, Mode.REPAIR)
+    64
+    >>> validate_window(64, Mode.AMORTIZE)
+    Traceback (most recent call last):
+    ...
+    ValueError: window is only for mode 'repair', not 'amortize'
+    """
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or not 0 <= window <= MAX_WINDOW:
+        raise ValueError(f"{name} must be an integer 0..{MAX_WINDOW} (tokens), got {window!r}")
+    if mode is not Mode.REPAIR:
+        shown = mode.value if isinstance(mode, Mode) else mode
+        raise ValueError(f"{name} is only for mode 'repair', not {shown!r}")
+    return window
 
 
 @dataclass(frozen=True, slots=True)
 class Directive:
     """Replace base segments ``[start, end)`` by new segments ``replacement = (k, l)``.
 
+    ``window`` (REPAIR only): recompute the first ``window`` tokens after the edit; ``None``
+    takes the server's default.
+
     >>> Directive(2, 3, (2, 2), Mode.AMORTIZE)  # delete base segment 2
     Directive(start=2, end=3, replacement=(2, 2), mode=<Mode.AMORTIZE: 'amortize'>)
+    >>> Directive(2, 3, (2, 2), Mode.REPAIR, window=64).to_wire()["window"]
+    64
     """
 
     start: int
     end: int
     replacement: tuple[int, int]
     mode: Mode = Mode.AMORTIZE
+    window: int | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        validate_window(self.window, self.mode)
+
+    def __repr__(self) -> str:
+        window = "" if self.window is None else f", window={self.window}"
+        return (
+            f"Directive(start={self.start}, end={self.end}, replacement={self.replacement}, "
+            f"mode={self.mode!r}{window})"
+        )
 
     @property
     def is_noop(self) -> bool:
         return self.start == self.end and self.replacement[0] == self.replacement[1]
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "start": self.start,
             "end": self.end,
             "replacement": list(self.replacement),
             "mode": self.mode.value,
         }
+        if self.window is not None:
+            out["window"] = self.window
+        return out
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any], *, index: int | None = None) -> Directive:
         """Parse one wire directive; raises :class:`DirectiveError` naming the bad field."""
         if not isinstance(obj, Mapping):
             raise DirectiveError("must be an object", index=index)
-        unknown = set(obj) - {"start", "end", "replacement", "mode"}
+        unknown = set(obj) - {"start", "end", "replacement", "mode", "window"}
         if unknown:
             raise DirectiveError(f"unknown fields {sorted(unknown)}", index=index)
         try:
@@ -101,9 +157,14 @@ class Directive:
             mode = Mode(mode_name)
         except ValueError as exc:
             raise DirectiveError(
-                f"unknown mode {mode_name!r} (expected 'amortize' or 'forget')", index=index
+                f"unknown mode {mode_name!r} (expected 'amortize', 'forget' or 'repair')",
+                index=index,
             ) from exc
-        return cls(start, end, (repl[0], repl[1]), mode)
+        try:
+            window = validate_window(obj.get("window"), mode)
+        except ValueError as exc:
+            raise DirectiveError(str(exc), index=index) from exc
+        return cls(start, end, (repl[0], repl[1]), mode, window)
 
 
 def validate_directives(

@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from leyline.directives import Directive, Mode, directives_from_wire, validate_directives
+from leyline.directives import (
+    Directive,
+    Mode,
+    directives_from_wire,
+    validate_directives,
+    validate_window,
+)
 from leyline.errors import DirectiveError, PayloadError
 
 __all__ = [
@@ -54,7 +60,7 @@ SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _HASH = re.compile(r"^[0-9a-f]{16}$")
 _FIELDS = frozenset(
     {"protocol", "session", "version", "base_version", "segments", "directives",
-     "content_reuse", "approximate", "mode"}
+     "content_reuse", "approximate", "mode", "window"}
 )  # fmt: skip
 _SEGMENT_FIELDS = ("version", "base_version", "segments", "directives")
 
@@ -75,7 +81,8 @@ class Payload:
     Two forms. The *segment* payload (``version`` set) carries the client's segments and
     directives. The *server-diff* payload (``mode`` set, no version, segments or directives)
     only names the session and the mode of every edit: the server diffs the session's last
-    token sequence against the request's tokens itself and assigns the versions.
+    token sequence against the request's tokens itself and assigns the versions; with
+    ``mode=REPAIR``, ``window`` is every edit's recompute window (``None``: the server's).
     """
 
     session: str
@@ -86,11 +93,16 @@ class Payload:
     content_reuse: bool = True
     approximate: bool = True
     mode: Mode | None = None
+    window: int | None = None
 
     def __post_init__(self) -> None:
         if (self.mode is None) == (self.version is None):
             raise PayloadError("a payload has either a version (segment payload) or a mode "
                                "(server-diff payload)", param=PAYLOAD_KEY)  # fmt: skip
+        try:
+            validate_window(self.window, self.mode)
+        except ValueError as exc:
+            raise PayloadError(str(exc), param=f"{PAYLOAD_KEY}.window") from exc
 
     @property
     def server_diff(self) -> bool:
@@ -108,8 +120,9 @@ class Payload:
     def to_wire(self) -> dict[str, Any]:
         flags = {"content_reuse": self.content_reuse, "approximate": self.approximate}
         if self.mode is not None:
+            window = {} if self.window is None else {"window": self.window}
             return {"protocol": PROTOCOL_VERSION, "session": self.session,
-                    "mode": self.mode.value, **flags}  # fmt: skip
+                    "mode": self.mode.value, **window, **flags}  # fmt: skip
         return {
             "protocol": PROTOCOL_VERSION,
             "session": self.session,
@@ -169,7 +182,7 @@ class Payload:
             mode = obj["mode"]
             if mode not in tuple(Mode):
                 raise PayloadError(
-                    f"{where}.mode must be 'amortize' or 'forget', got {mode!r}",
+                    f"{where}.mode must be 'amortize', 'forget' or 'repair', got {mode!r}",
                     param=f"{where}.mode",
                 )
             extra = [f for f in _SEGMENT_FIELDS if f in obj]
@@ -178,7 +191,16 @@ class Payload:
                     f"{where} is a server-diff payload (it has a mode): drop {extra}",
                     param=f"{where}.{extra[0]}",
                 )
-            return cls(sid, mode=Mode(mode), **flags)
+            try:
+                window = validate_window(obj.get("window"), Mode(mode), name=f"{where}.window")
+            except ValueError as exc:
+                raise PayloadError(str(exc), param=f"{where}.window") from exc
+            return cls(sid, mode=Mode(mode), window=window, **flags)
+        if "window" in obj:
+            raise PayloadError(
+                f"{where}.window belongs to a directive (or a server-diff payload's mode)",
+                param=f"{where}.window",
+            )
         if "version" not in obj:
             raise PayloadError(
                 f"{where} needs a version (segment payload) or a mode (server-diff payload)",
@@ -257,6 +279,8 @@ class TokenCounts:
     ``inherited``: matched as a cached prefix, but the KV descends from an earlier splice or
     chunk reuse (approximate); ``spliced``: reused through a directive with a RoPE correction;
     ``chunk_reused``: moved content found by hash; ``recomputed``: prefilled for this request.
+    ``repaired`` is part of ``recomputed``, not a sixth source: REPAIR windows, tokens the
+    request could have reused (spliced or chunk-reused) that were prefilled again instead.
     """
 
     exact: int = 0
@@ -264,6 +288,12 @@ class TokenCounts:
     spliced: int = 0
     chunk_reused: int = 0
     recomputed: int = 0
+    repaired: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.repaired <= self.recomputed:
+            raise ValueError(f"repaired ({self.repaired}) is part of recomputed "
+                             f"({self.recomputed})")  # fmt: skip
 
     @property
     def approximate(self) -> int:
@@ -280,11 +310,15 @@ class TokenCounts:
         return self.cached + self.recomputed
 
     def to_wire(self) -> dict[str, int]:
-        return {
+        """The wire object; ``repaired`` is present only when a REPAIR window was served."""
+        out = {
             "exact": self.exact, "inherited": self.inherited, "spliced": self.spliced,
             "chunk_reused": self.chunk_reused, "recomputed": self.recomputed,
             "approximate": self.approximate,
         }  # fmt: skip
+        if self.repaired:
+            out["repaired"] = self.repaired
+        return out
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any] | None) -> TokenCounts:
@@ -292,7 +326,7 @@ class TokenCounts:
         return cls(**{f: int(obj.get(f, 0) or 0) for f in _COUNT_FIELDS})
 
 
-_COUNT_FIELDS = ("exact", "inherited", "spliced", "chunk_reused", "recomputed")
+_COUNT_FIELDS = ("exact", "inherited", "spliced", "chunk_reused", "recomputed", "repaired")
 
 
 def usage_details(tokens: TokenCounts) -> dict[str, int]:
@@ -318,25 +352,32 @@ def with_accounting(usage: Mapping[str, Any], leyline: Mapping[str, Any]) -> dic
 @dataclass(frozen=True, slots=True)
 class DirectiveOutcome:
     """What happened to client directive ``index`` (``spliced_tokens``: kept tokens after it
-    served spliced; None when several edits share one outcome)."""
+    served spliced; ``window_tokens``: kept tokens after it recomputed by its REPAIR window;
+    None when several edits share one outcome)."""
 
     index: int
     status: Status
     reason: str | None = None
     spliced_tokens: int | None = 0
+    window_tokens: int | None = 0
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        """The wire object; ``window_tokens`` is present only when it is not 0."""
+        out = {
             "index": self.index, "status": self.status.value, "reason": self.reason,
             "spliced_tokens": self.spliced_tokens,
         }  # fmt: skip
+        if self.window_tokens != 0:
+            out["window_tokens"] = self.window_tokens
+        return out
 
     @classmethod
     def from_wire(cls, obj: Mapping[str, Any]) -> DirectiveOutcome:
-        spliced = obj.get("spliced_tokens", 0)
+        spliced, window = obj.get("spliced_tokens", 0), obj.get("window_tokens", 0)
         return cls(
             int(obj.get("index", 0)), Status(obj.get("status", Status.IGNORED)),
             obj.get("reason"), None if spliced is None else int(spliced),
+            None if window is None else int(window),
         )  # fmt: skip
 
 

@@ -8,13 +8,14 @@ diffs against the same base.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from leyline.diff import diff_segments
-from leyline.directives import Directive, Mode, validate_directives
+from leyline.directives import Directive, Mode, validate_directives, validate_window
 from leyline.errors import StaleVersionError
 from leyline.protocol import Payload
 from leyline.segments import DEFAULT_PARAMS, Segment, SegmentParams, render_segments
@@ -92,13 +93,23 @@ class Session:
         forget: Collection[int] = (),
         tools: Sequence[Mapping[str, Any]] | None = None,
         default_mode: Mode = Mode.AMORTIZE,
+        window: int | None = None,
     ) -> Prepared:
         """Render ``messages`` and diff them against the last committed version.
 
         ``forget`` lists indices of ``messages`` whose edits must be re-prefilled (FORGET);
         every other edit, deletions included, gets ``default_mode``;
-        ``tools`` are the request's tool definitions (they render in front of message 0).
+        ``tools`` are the request's tool definitions (they render in front of message 0);
+        ``window`` is the recompute window of REPAIR edits (``None``: the server's default).
+
+        >>> s = Session("w")
+        >>> s.commit(s.prepare([{"role": "user", "content": c} for c in "abc"]))
+        >>> p = s.prepare([{"role": "user", "content": c} for c in "ac"],
+        ...               default_mode=Mode.REPAIR, window=32)
+        >>> [(d.mode.value, d.window) for d in p.directives]
+        [('repair', 32)]
         """
+        validate_window(window, Mode.REPAIR)
         if len(self._split_cache) > _CACHE_LIMIT:
             self._split_cache.clear()
         segments = tuple(
@@ -107,6 +118,11 @@ class Session:
         directives: tuple[Directive, ...] = ()
         if self._base is not None and self.approximate:
             found = diff_segments(self._base, segments, forget=forget, default_mode=default_mode)
+            if window is not None:
+                found = [
+                    dataclasses.replace(d, window=window) if d.mode is Mode.REPAIR else d
+                    for d in found
+                ]
             directives = validate_directives(found, base_len=len(self._base), new_len=len(segments))
         return Prepared(
             session_id=self.id,

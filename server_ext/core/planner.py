@@ -30,6 +30,15 @@ to ``base.tokens`` gives the edited sequence ``E``; every kept base token gets a
 - AMORTIZE: ``R`` is recomputed (or chunk-reused); the kept suffix is spliced. Kept tokens with
   delta 0 (before the first directive but past the exact match, or after a same-length
   replacement) are still ``spliced``: their KV saw the old span.
+- REPAIR: AMORTIZE plus a recompute window: the first ``k`` positions after the replacement
+  (``directive.window``, else ``repair.size(suffix)`` with ``suffix`` the edited sequence's
+  tokens after the replacement) are recomputed instead of spliced or chunk-reused, so the
+  replacement is in effect extended by the window. With an exact prefix the window's KV is
+  exact (a fresh prefill of prefix + replacement + window); the rest of the kept suffix is
+  spliced. A request with any applied REPAIR directive also recomputes the first tokens of
+  every chunk run (moved content; window: the largest explicit ``window`` of its REPAIR
+  directives, else ``repair.size(run length)``). ``Plan.windows`` lists the recomputed
+  windows, ``Plan.repaired_tokens`` counts them (tokens that would otherwise have been copied).
 - FORGET: from the first FORGET directive's new start on, nothing is reused except the exact
   match (exact KV equals a fresh prefill): no splice, no chunk reuse. As a guard against the
   edited-away content leaking through a chunk copy, chunk runs before that point never copy
@@ -51,22 +60,23 @@ ids) turns those tokens into a ``chunk`` run copying from the entry's slots and 
 index must have been filled with the same ``salt``, ``chunk_params`` and ``chunk_mode``
 (``ContentIndex.add_sequence``), else nothing matches.
 
-``max_tokens_reusable`` caps the copied (spliced + chunk) tokens, taken in position order; the
-rest is recomputed. Finally the last request token is always recomputed: the engine needs its
+``max_tokens_reusable`` caps the copied (spliced + chunk) tokens, taken in position order (after
+the REPAIR windows); the rest is recomputed. Finally the last request token is always recomputed: the engine needs its
 logits.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Literal
 
 import numpy as np
 
 # the SDK's Mode: directives mean the same thing on the wire and in the planner
-from leyline.directives import Mode
+from leyline.directives import Mode, validate_window
 from leyline.protocol import DirectiveOutcome, Status
 from leyline.server.core.chunking import (
     DEFAULT_PARAMS,
@@ -79,10 +89,12 @@ from leyline.server.core.chunking import (
 from leyline.server.core.index import ContentIndex
 
 __all__ = [
+    "DEFAULT_REPAIR",
     "CachedSequence",
     "DirectiveOutcome",
     "Mode",
     "Plan",
+    "RepairWindow",
     "Run",
     "RunKind",
     "TokenDirective",
@@ -101,20 +113,57 @@ def _ids(x: np.ndarray | Sequence[int], what: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+@dataclass(frozen=True, slots=True)
+class RepairWindow:
+    """The server's default REPAIR window ``k`` for a suffix of ``n`` tokens: ``tokens``, or
+    ``ceil(fraction * n)``; at most ``cap`` either way, and never more than ``n``.
+
+    >>> RepairWindow(fraction=0.05, cap=256).size(2000), RepairWindow(tokens=64).size(40)
+    (100, 40)
+    """
+
+    tokens: int | None = None
+    fraction: float | None = None
+    cap: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tokens is None) == (self.fraction is None):
+            raise ValueError("a repair window is given in tokens or as a fraction, not both")
+        if self.tokens is not None and (isinstance(self.tokens, bool) or self.tokens < 0):
+            raise ValueError(f"repair window tokens must be >= 0, got {self.tokens}")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"repair window fraction must be in (0, 1], got {self.fraction}")
+        if self.cap is not None and self.cap < 0:
+            raise ValueError(f"repair window cap must be >= 0, got {self.cap}")
+
+    def size(self, n: int) -> int:
+        k = self.tokens if self.tokens is not None else math.ceil((self.fraction or 0.0) * n)
+        if self.cap is not None:
+            k = min(k, self.cap)
+        return max(0, min(k, n))
+
+
+#: The embedded engine's default window (docs/repair.md: the measured frontier behind it).
+DEFAULT_REPAIR = RepairWindow(tokens=128)
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class TokenDirective:
-    """Replace ``[start, end)`` of the base sequence with ``replacement`` (empty = delete)."""
+    """Replace ``[start, end)`` of the base sequence with ``replacement`` (empty = delete);
+    ``window``: a REPAIR directive's recompute window (``None``: the planner's default)."""
 
     start: int
     end: int
     replacement: np.ndarray
     mode: Mode = Mode.AMORTIZE
+    window: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.start <= self.end:
             raise ValueError(f"directive span must satisfy 0 <= start <= end: {self.span}")
         object.__setattr__(self, "replacement", _ids(self.replacement, "replacement"))
         object.__setattr__(self, "mode", Mode(self.mode))
+        validate_window(self.window, self.mode)
 
     @property
     def span(self) -> tuple[int, int]:
@@ -167,10 +216,12 @@ class Run:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """The runs covering the request, and the fate of each directive."""
+    """The runs covering the request, the fate of each directive, and the REPAIR windows
+    (``[start, end)`` spans of tokens recomputed where they could have been copied)."""
 
     runs: tuple[Run, ...]
     outcomes: tuple[DirectiveOutcome, ...]
+    windows: tuple[tuple[int, int], ...] = field(default=())
 
     def _count(self, kind: RunKind) -> int:
         return sum(len(r) for r in self.runs if r.kind == kind)
@@ -194,6 +245,11 @@ class Plan:
     @property
     def recomputed_tokens(self) -> int:
         return self._count("recompute")
+
+    @property
+    def repaired_tokens(self) -> int:
+        """Recomputed tokens of REPAIR windows (part of ``recomputed_tokens``)."""
+        return sum(e - s for s, e in self.windows)
 
     @property
     def approximate(self) -> bool:
@@ -256,6 +312,7 @@ def build_plan(
     min_reuse_position: int = 32,
     max_tokens_reusable: int | None = None,
     moved: Sequence[tuple[int, int, int]] = (),
+    repair: RepairWindow = DEFAULT_REPAIR,
 ) -> Plan:
     """Plan one request (semantics in the module docstring)."""
     req = _ids(request, "request")
@@ -314,15 +371,88 @@ def build_plan(
         )
         kind[at], src_slot[at], src_pos[at] = _CHUNK, slots, pos
 
+    repaired = np.zeros(n, dtype=bool)
+    if edit is not None and any(d.mode is Mode.REPAIR for d in directives):
+        _repair(kind, src_pos, repaired, directives, edit, p, exact_len, repair)
+
     if max_tokens_reusable is not None:
         copied = (kind == _SPLICED) | (kind == _CHUNK)
         kind[copied & (np.cumsum(copied) > max_tokens_reusable)] = _RECOMPUTE
+    if kind[n - 1] != _RECOMPUTE:
+        repaired[n - 1] = False  # recomputed anyway, not for a window
     kind[n - 1] = _RECOMPUTE  # the engine needs the last token's logits
 
     runs = _runs(kind, src_slot, src_pos)
     _assert_cover(runs, n)
-    outcomes = _outcomes(directives, edit, kind, p, n, exact_len) if edit is not None else ()
-    return Plan(runs, outcomes)
+    outcomes = (
+        _outcomes(directives, edit, kind, repaired, p, n, exact_len, repair)
+        if edit is not None
+        else ()
+    )
+    return Plan(runs, outcomes, _spans(repaired))
+
+
+def _verified(new_end: int, p: int, lim: int) -> bool:
+    """A directive is applied when the request equals the edited sequence through its
+    replacement and one token past it (or up to the end of either)."""
+    return p > new_end or p == new_end == lim
+
+
+def _window_span(
+    d: TokenDirective, new_end: int, edit: _Edit, n: int, repair: RepairWindow
+) -> tuple[int, int]:
+    """Request positions of a REPAIR directive's window: ``k`` tokens after its replacement,
+    ``k`` its own ``window`` or the default for the edited sequence's tokens after it."""
+    suffix = edit.tokens.shape[0] - new_end
+    k = min(d.window, suffix) if d.window is not None else repair.size(suffix)
+    return new_end, min(new_end + k, n)
+
+
+def _repair(
+    kind: np.ndarray,
+    src_pos: np.ndarray,
+    repaired: np.ndarray,
+    directives: Sequence[TokenDirective],
+    edit: _Edit,
+    p: int,
+    exact_len: int,
+    repair: RepairWindow,
+) -> None:
+    """Recompute the REPAIR windows: after each applied REPAIR directive's replacement, and at
+    the start of every chunk run (moved content) of a request that has one."""
+    n = kind.shape[0]
+    lim = min(edit.tokens.shape[0], n)
+    copied = (kind == _SPLICED) | (kind == _CHUNK)
+    asked, explicit = False, []
+    for j, d in enumerate(directives):
+        if d.mode is not Mode.REPAIR or not _verified(edit.spans[j][1], p, lim):
+            continue
+        asked = True
+        if d.window is not None:
+            explicit.append(d.window)
+        lo, hi = _window_span(d, edit.spans[j][1], edit, n, repair)
+        lo = max(lo, exact_len)
+        repaired[lo:hi] |= copied[lo:hi]
+    if asked:
+        # chunk runs: a run starts where the donor context changes (no chunk token before it,
+        # or one with another delta); found before the windows change ``kind``
+        is_chunk = kind == _CHUNK
+        delta = np.arange(n) - src_pos
+        same = np.concatenate(([False], is_chunk[:-1] & (delta[1:] == delta[:-1])))
+        first = is_chunk & ~same
+        stops = np.flatnonzero(~is_chunk | first)
+        for s in np.flatnonzero(first).tolist():
+            at = int(np.searchsorted(stops, s, side="right"))
+            e = int(stops[at]) if at < stops.shape[0] else n
+            k = min(max(explicit), e - s) if explicit else repair.size(e - s)
+            repaired[s : s + k] = True
+    kind[repaired] = _RECOMPUTE
+
+
+def _spans(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """``[start, end)`` spans of the True runs of ``mask``."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
+    return tuple((int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True))
 
 
 def _allowed(slots: np.ndarray, forbidden: np.ndarray | None) -> np.ndarray | bool:
@@ -430,26 +560,33 @@ def _outcomes(
     directives: Sequence[TokenDirective],
     edit: _Edit,
     kind: np.ndarray,
+    repaired: np.ndarray,
     p: int,
     n: int,
     exact_len: int,
+    repair: RepairWindow,
 ) -> tuple[DirectiveOutcome, ...]:
     lim = min(edit.tokens.shape[0], n)
     # Spliced tokens per directive: those in the kept segment after its replacement.
     csum = np.concatenate(([0], np.cumsum(kind[:lim] == _SPLICED)))
+    fixed = np.concatenate(([0], np.cumsum(repaired)))
     seg_ends = [start for start, _ in edit.spans[1:]] + [edit.tokens.shape[0]]
     out: list[DirectiveOutcome] = []
     for j, (_, new_end) in enumerate(edit.spans):
-        # Verified: E == request through the replacement and one token past it (or to the end).
-        if p > new_end or p == new_end == lim:
+        if _verified(new_end, p, lim):
             kept_end = min(seg_ends[j], lim)
             if exact_len >= kept_end:  # e.g. a retry: the edited sequence is already cached
                 why = "the edit and the tokens after it were already a cached-prefix hit"
                 out.append(DirectiveOutcome(j, Status.NOT_NEEDED, why, 0))
                 continue
+            d = directives[j]
             seg = csum[kept_end] - csum[min(new_end, lim)]
-            count = int(seg) if directives[j].mode is Mode.AMORTIZE else 0
-            out.append(DirectiveOutcome(j, Status.APPLIED, None, count))
+            count = int(seg) if d.mode is not Mode.FORGET else 0
+            window = 0
+            if d.mode is Mode.REPAIR:
+                lo, hi = _window_span(d, new_end, edit, n, repair)
+                window = int(fixed[hi] - fixed[lo])
+            out.append(DirectiveOutcome(j, Status.APPLIED, None, count, window))
         elif p < lim:
             out.append(DirectiveOutcome(j, Status.IGNORED, f"tokens differ at position {p}", 0))
         else:

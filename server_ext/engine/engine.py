@@ -34,7 +34,7 @@ import torch
 from leyline.server.core.chunking import chunk_spans
 from leyline.server.core.index import ContentIndex
 from leyline.server.core.kernels.splice import kv_pointers
-from leyline.server.core.planner import build_plan
+from leyline.server.core.planner import DEFAULT_REPAIR, RepairWindow, build_plan
 from leyline.server.engine.decode import decode
 from leyline.server.engine.materialize import Materializer
 from leyline.server.engine.model import LoadedModel
@@ -73,6 +73,7 @@ class Engine:
         max_queue: int = 256,
         seed: int = 0,
         rope_note: str | None = None,
+        repair: RepairWindow = DEFAULT_REPAIR,
     ) -> None:
         self.loaded = loaded
         self.store = store
@@ -89,6 +90,7 @@ class Engine:
         pointers = kv_pointers(store.k, store.v) if store.k[0].is_cuda else None
         self.materialize = Materializer(loaded, store, inv_freq, interleaved, pointers)
         self.seed = seed
+        self.repair = repair  # the REPAIR window of directives that give none
         self.lock = threading.RLock()  # held by the worker per request and by session calls
         self._queue: queue.Queue[Work | None] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
@@ -277,6 +279,7 @@ class Engine:
             directives=req.directives if req.approximate else (),
             index=self.index if use_index else None,
             salt=self.salt,
+            repair=self.repair,
         )
         req.outcomes = req.outcomes or req.plan.outcomes
         assert len(req.fresh) == len(ids) - req.plan.exact_tokens

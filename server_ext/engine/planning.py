@@ -36,7 +36,9 @@ def token_directives(tree: RadixTree, req: Request) -> None:
     cached = CachedSequence(tokens=state.tokens[: base_match.length], slots=base_match.slots)
     req.base = (cached, base_match.node)
     if payload.mode is not None:
-        req.directives = _diff_directives(req, state, payload.mode, base_match.length)
+        req.directives = _diff_directives(
+            req, state, payload.mode, payload.window, base_match.length
+        )
         return
     if not payload.directives:
         return
@@ -56,21 +58,25 @@ def token_directives(tree: RadixTree, req: Request) -> None:
         lo, hi = (new_spans[k][0], new_spans[length - 1][1]) if length > k else (0, 0)
         if end > base_match.length:
             raise DirectiveError("span is beyond the cached base sequence")
-        req.directives.append(TokenDirective(start, end, np.asarray(req.ids[lo:hi]), d.mode))
+        req.directives.append(
+            TokenDirective(start, end, np.asarray(req.ids[lo:hi]), d.mode, d.window)
+        )
     if base_match.length < len(state.tokens):
         req.notes.append("part of the session's base was evicted; directives cover what remains")
 
 
 def _diff_directives(
-    req: Request, state: SessionState, mode: Mode, cached: int
+    req: Request, state: SessionState, mode: Mode, window: int | None, cached: int
 ) -> list[TokenDirective]:
-    """Every edit the token diff finds inside the base prompt, in ``mode``."""
+    """Every edit the token diff finds inside the base prompt, in ``mode`` (REPAIR: with
+    ``window``)."""
     al = align_edits(state.tokens, state.prompt_len, req.ids, (), default=mode.value)
     edits = [e for e in al.edits if e.end <= cached]
     if len(edits) < len(al.edits):
         req.notes.append("part of the session's base was evicted; edits cover what remains")
     return [
-        TokenDirective(e.start, e.end, req.ids[e.new_start : e.new_end].copy(), mode) for e in edits
+        TokenDirective(e.start, e.end, req.ids[e.new_start : e.new_end].copy(), mode, window)
+        for e in edits
     ]
 
 
@@ -87,7 +93,7 @@ def approx_from(plan: Plan, match: Match) -> int | None:
 def served_tokens(plan: Plan, match: Match) -> TokenCounts:
     """Where the prompt's tokens came from. A matched prefix is exact only up to the tree's
     first approximate node (KV that descends from a splice or a chunk reuse); the rest of it
-    is inherited."""
+    is inherited. REPAIR windows are recomputed (``repaired`` counts them)."""
     exact = min(plan.exact_tokens, match.exact_length)
     return TokenCounts(
         exact=exact,
@@ -95,4 +101,5 @@ def served_tokens(plan: Plan, match: Match) -> TokenCounts:
         spliced=plan.spliced_tokens,
         chunk_reused=plan.chunk_tokens,
         recomputed=plan.recomputed_tokens,
+        repaired=plan.repaired_tokens,
     )

@@ -13,11 +13,12 @@ from leyline.server.core.planner import (
     CachedSequence,
     Mode,
     Plan,
+    RepairWindow,
     TokenDirective,
     build_plan,
 )
 
-A, F = Mode.AMORTIZE, Mode.FORGET
+A, F, R = Mode.AMORTIZE, Mode.FORGET, Mode.REPAIR
 SLOT0 = 7000  # base token i lives in slot SLOT0 + 3 * i (any injective map will do)
 
 
@@ -433,7 +434,8 @@ def test_fuzz_invariants() -> None:
                 int(a),
                 int(b),
                 rng.integers(0, 40, int(rng.integers(0, 30))),
-                F if rng.random() < 0.2 else A,
+                mode := (F if rng.random() < 0.2 else R if rng.random() < 0.3 else A),
+                int(rng.integers(0, 50)) if mode is R and rng.random() < 0.7 else None,
             )
             for a, b in zip(cuts[::2], cuts[1::2], strict=True)
         ]
@@ -472,9 +474,135 @@ def test_fuzz_invariants() -> None:
             assert (o.status == "ignored") == (o.reason is not None)
             assert o.spliced_tokens == 0 or o.status == "applied"
         assert sum(o.spliced_tokens for o in plan.outcomes) <= plan.spliced_tokens
+        # REPAIR windows are recomputed tokens, and only REPAIR requests have them
+        kinds = _per_token(plan, len(req))[0]
+        assert all(kinds[i] == "recompute" for s, e in plan.windows for i in range(s, e))
+        assert plan.repaired_tokens <= plan.recomputed_tokens
+        assert not plan.windows or any(d.mode is R for d in ds)
+        assert all(o.window_tokens == 0 for o, d in zip(plan.outcomes, ds, strict=True)
+                   if d.mode is not R)  # fmt: skip
         forget = [j for j, d in enumerate(ds) if d.mode is F]
         if forget:
             f = ds[forget[0]]
             new_start = f.start + sum(d.shift for d in ds[: forget[0]])
             for r in plan.copy_runs():
                 assert r.end <= new_start and r.src_positions.max() < f.start
+
+
+# ---------------------------------------------------------------------- REPAIR
+def _repair_case(window: int | None, rlen: int = 13) -> tuple[np.ndarray, CachedSequence, list]:
+    rng = np.random.default_rng(11)
+    base = _base(rng, 600)
+    d = TokenDirective(200, 260, _rand(rng, rlen), R, window)
+    return np.concatenate([_edit(base, [d]), _rand(rng, 50)]), base, [d]
+
+
+@pytest.mark.parametrize("window", [0, 1, 64, 300])
+def test_repair_window_extends_the_replacement(window: int) -> None:
+    req, base, ds = _repair_case(window)
+    plan = build_plan(req, exact_len=200, exact_slots=base.slots[:200], base=base, directives=ds)
+    _check(plan, req, 200, base)
+    end = 213 + window  # the replacement [200, 213), then the window
+    want = [("exact", 0, 200), ("recompute", 200, end)]
+    if window < 340:
+        want.append(("spliced", end, 553))
+    want.append(("recompute", 553, len(req)))
+    if window >= 340:  # the window covers the whole kept suffix: nothing is approximate
+        want[1:] = [("recompute", 200, len(req))]
+    assert [(r.kind, r.start, r.end) for r in plan.runs] == want
+    assert plan.windows == (((213, end),) if window else ())
+    assert plan.repaired_tokens == min(window, 340)
+    (out,) = plan.outcomes
+    assert (out.status, out.spliced_tokens, out.window_tokens) == (
+        "applied", 340 - min(window, 340), min(window, 340))  # fmt: skip
+    # the spliced rest keeps AMORTIZE's donors and delta
+    amortize = build_plan(req, exact_len=200, exact_slots=base.slots[:200], base=base,
+                          directives=[TokenDirective(200, 260, ds[0].replacement, A)])  # fmt: skip
+    assert amortize.windows == () and amortize.repaired_tokens == 0
+    for run in plan.copy_runs():
+        (twin,) = [r for r in amortize.copy_runs() if r.start <= run.start < r.end]
+        assert run.delta == twin.delta == -47
+        assert np.array_equal(run.src_slots, twin.src_slots[run.start - twin.start :][: len(run)])
+    assert plan.approximate == (window < 340)
+
+
+def test_repair_default_window_is_the_planners() -> None:
+    req, base, ds = _repair_case(None)
+    kw = dict(exact_len=200, exact_slots=base.slots[:200], base=base, directives=ds)
+    assert build_plan(req, **kw).repaired_tokens == 128  # type: ignore[arg-type]
+    # a fraction of the suffix (the edited sequence's 340 tokens after the replacement), capped
+    frac = build_plan(req, repair=RepairWindow(fraction=0.1), **kw)  # type: ignore[arg-type]
+    assert frac.windows == ((213, 213 + 34),)
+    capped = build_plan(req, repair=RepairWindow(fraction=0.5, cap=20), **kw)  # type: ignore[arg-type]
+    assert capped.windows == ((213, 233),)
+    # an explicit window wins over the default
+    req2, base2, ds2 = _repair_case(5)
+    plan = build_plan(req2, exact_len=200, exact_slots=base2.slots[:200], base=base2,
+                      directives=ds2, repair=RepairWindow(tokens=100))  # fmt: skip
+    assert plan.windows == ((213, 218),)
+
+
+def test_repair_window_inside_the_exact_match_counts_nothing() -> None:
+    req, base, ds = _repair_case(64)
+    edited = _edit(base, ds)
+    slots = np.arange(1, 251)  # e.g. a window computed exactly by an earlier request
+    plan = build_plan(req, exact_len=250, exact_slots=slots, base=base, directives=ds)
+    assert edited[:250].tolist() == req[:250].tolist()
+    assert plan.windows == ((250, 277),) and plan.outcomes[0].window_tokens == 27
+
+
+def test_ignored_repair_directive_has_no_window() -> None:
+    req, base, ds = _repair_case(64)
+    req = req.copy()
+    req[205] += 1  # the replacement is not the request's
+    plan = build_plan(req, exact_len=200, exact_slots=base.slots[:200], base=base, directives=ds)
+    (out,) = plan.outcomes
+    assert out.status == "ignored" and out.window_tokens == 0 and plan.windows == ()
+
+
+def test_repair_windows_at_moved_content_runs() -> None:
+    """Moved content (chunk runs) gets the window at its start in a REPAIR request only."""
+    rng = np.random.default_rng(12)
+    base = _base(rng, 900)
+    block = base.tokens[300:700]
+    # delete [300, 700) in place and re-insert the block after the kept tail
+    ds_a = [TokenDirective(300, 700, [], A), TokenDirective(900, 900, block, A)]
+    req = np.concatenate([_edit(base, ds_a), _rand(rng, 20)])
+    moved = [(500, 300, 400)]
+    kw = dict(exact_len=300, exact_slots=base.slots[:300], base=base, moved=moved)
+    donors = _donors(base.tokens, base.slots)
+    amortize = build_plan(req, directives=ds_a, **kw)  # type: ignore[arg-type]
+    kinds = _check(amortize, req, 300, base, donors=donors)
+    assert kinds[500:900] == ["chunk"] * 400 and amortize.windows == ()
+    ds_r = [TokenDirective(300, 700, [], R, 16), TokenDirective(900, 900, block, R, 16)]
+    plan = build_plan(req, directives=ds_r, **kw)  # type: ignore[arg-type]
+    kinds = _check(plan, req, 300, base, donors=donors)
+    # the window after the deletion, and the first 16 tokens of the moved block
+    assert plan.windows == ((300, 316), (500, 516))
+    assert kinds[300:316] == ["recompute"] * 16 and kinds[316:500] == ["spliced"] * 184
+    assert kinds[500:516] == ["recompute"] * 16 and kinds[516:900] == ["chunk"] * 384
+    # the second directive's own window is the new turn (recomputed anyway); the moved block's
+    # window is the request's, counted in repaired_tokens
+    assert [o.window_tokens for o in plan.outcomes] == [16, 0] and plan.repaired_tokens == 32
+
+
+def test_repair_windows_come_before_the_copy_cap() -> None:
+    req, base, ds = _repair_case(64)
+    plan = build_plan(req, exact_len=200, exact_slots=base.slots[:200], base=base,
+                      directives=ds, max_tokens_reusable=100)  # fmt: skip
+    kinds = _check(plan, req, 200, base)
+    assert plan.windows == ((213, 277),)
+    assert kinds[277:377] == ["spliced"] * 100 and kinds[377] == "recompute"
+
+
+def test_repair_window_validation() -> None:
+    with pytest.raises(ValueError, match="only for mode 'repair'"):
+        TokenDirective(0, 1, [], A, 5)
+    with pytest.raises(ValueError, match="integer"):
+        TokenDirective(0, 1, [], R, -1)
+    for bad in (dict(), dict(tokens=4, fraction=0.1), dict(tokens=-1), dict(fraction=0.0),
+                dict(fraction=1.5), dict(fraction=0.1, cap=-2)):  # fmt: skip
+        with pytest.raises(ValueError):
+            RepairWindow(**bad)  # type: ignore[arg-type]
+    assert RepairWindow(tokens=64, cap=10).size(1000) == 10
+    assert RepairWindow(fraction=1.0).size(37) == 37
