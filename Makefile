@@ -34,12 +34,15 @@ lint: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# SGLang pins torch 2.11 + CUDA kernels, so its tests run in their own CPU venv (docs/sglang.md)
+# SGLang pins its own torch + CUDA kernels, so the plugin's tests run in one CPU venv per
+# supported version (docs/sglang.md): the same suite on 0.5.16 and on 0.5.23.
 sglang-tests:
-	scripts/setup_sglang_venv.sh
+	SGLANG_VERSION=0.5.16 scripts/setup_sglang_venv.sh
 	.venv-sglang/bin/python -m pytest -q -p no:cacheprovider tests/server/sglang
+	SGLANG_VERSION=0.5.23 scripts/setup_sglang_venv.sh
+	.venv-sglang-0.5.23/bin/python -m pytest -q -p no:cacheprovider tests/server/sglang
 
 test: lint pytest sglang-tests
 
 clean:
-	rm -rf $(VENV) .venv-sglang build *.egg-info
+	rm -rf $(VENV) .venv-sglang .venv-sglang-0.5.23 build *.egg-info

@@ -1,8 +1,14 @@
-"""Shared helpers for tests/server/sglang: real SGLang 0.5.16 objects on CPU.
+"""Shared helpers for tests/server/sglang: real SGLang objects on CPU (0.5.16 and 0.5.23).
 
 `require_sglang()` skips a test module cleanly when SGLang is not importable (the main venv);
-run these tests with ``.venv-sglang/bin/python -m pytest tests/server/sglang`` after
-``scripts/setup_sglang_venv.sh``.
+run these tests with ``.venv-sglang/bin/python -m pytest tests/server/sglang`` (0.5.16) or
+``.venv-sglang-0.5.23/bin/python ...`` after ``scripts/setup_sglang_venv.sh`` (docs/sglang.md).
+
+The scheduler steps the tests perform by hand (match, lock, allocate a row, cache a chunk,
+release) are written once below, over `leyline.server.sglang.compat`: 0.5.16 and 0.5.23 keep
+a request's prefix and row in different fields and end its life through different calls. The
+0.5.23 steps call SGLang's own ``match_kv_cache`` / ``checkpoint_kv_cache`` /
+``release_kv_cache``.
 
 Test-time stand-ins (documented in docs/sglang.md): the fake ``torchvision`` package installed
 by the setup script, and `install_vllm_ops_stub`, because SGLang's ``RotaryEmbedding.__init__``
@@ -33,9 +39,12 @@ def require_sglang() -> None:
             "scripts/setup_sglang_venv.sh and .venv-sglang/bin/python -m pytest tests/server/sglang",
             allow_module_level=True,
         )
-    if sglang.__version__ != "0.5.16":
+    from leyline.server.sglang.compat import SUPPORTED_VERSIONS
+
+    if sglang.__version__ not in SUPPORTED_VERSIONS:
         pytest.skip(
-            f"these tests pin sglang 0.5.16, found {sglang.__version__}", allow_module_level=True
+            f"these tests cover sglang {', '.join(SUPPORTED_VERSIONS)}, found {sglang.__version__}",
+            allow_module_level=True,
         )
 
 
@@ -55,11 +64,12 @@ def install_vllm_ops_stub() -> None:
     sys.modules["vllm._custom_ops"] = ops
 
 
-def set_server_args() -> Any:
-    """SGLang's global ServerArgs (rotary modules read it at construction)."""
+def set_server_args(model_path: str = "dummy", **fields: Any) -> Any:
+    """Publish SGLang's ServerArgs for this process, as a scheduler does (rotary modules read
+    it at construction; 0.5.23 reads its config namespaces everywhere)."""
     from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
 
-    args = ServerArgs(model_path="dummy")
+    args = ServerArgs(model_path=model_path, **fields)
     set_global_server_args_for_scheduler(args)
     return args
 
@@ -109,6 +119,7 @@ def _stack(pool: Any, size: int, device: str) -> Stack:
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
+    set_server_args()  # 0.5.23's allocators and requests read the published config
     alloc = TokenToKVPoolAllocator(size, torch.bfloat16, device, pool, need_sort=False)
     r2t = ReqToTokenPool(size=8, max_context_len=size + 8, device=device, enable_memory_saver=False)
     params = CacheInitParams(
@@ -147,36 +158,150 @@ def make_req(rid: str, tokens: list[int], payload: dict[str, Any] | None = None,
     return Req(rid, "", array("q", tokens), sp, extra_key=extra_key)
 
 
+def _compat() -> Any:
+    """`leyline.server.sglang.compat`, imported late: it needs SGLang (not in the main venv)."""
+    from leyline.server.sglang import compat
+
+    return compat
+
+
+# ----- scheduler steps (the one place the tests meet 0.5.16 / 0.5.23 request fields) -----
+
+
+def slots(cache: Any, res: Any) -> Any:
+    """The KV slots of a `MatchResult`."""
+    return _compat().match_slots(cache, res)
+
+
 def match(cache: Any, req: Any) -> Any:
-    """What the scheduler does: match ``req``'s tokens (limit: input_len - 1) with ``req``."""
+    """What the scheduler does: match ``req``'s tokens (limit: input_len - 1) with ``req`` and
+    adopt the hit as its prefix."""
+    ids = req.origin_input_ids + req.output_ids
+    limit = len(req.origin_input_ids) - 1
+    if _compat().CHECKPOINTS:
+        from sglang.srt.mem_cache.common import match_kv_cache
+
+        res = match_kv_cache(req, cache, ids, max_prefix_len=limit)
+        req.kv.cache_protected_len = req.prefix_len  # as init_next_round_input does
+        return res
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
-    ids = req.origin_input_ids + req.output_ids
-    key = RadixKey(ids, req.extra_key, limit=len(req.origin_input_ids) - 1)
+    key = RadixKey(ids, req.extra_key, limit=limit)
     res = cache.match_prefix(MatchPrefixParams(key=key, req=req))
     req.prefix_indices, req.last_node = res.device_indices, res.last_device_node
     return res
 
 
+def prefix_slots(cache: Any, req: Any) -> Any:
+    """The slots of ``req``'s current prefix (what the next extend starts after)."""
+    if not _compat().CHECKPOINTS:
+        return req.prefix_indices
+    import torch
+
+    if req.kv.holds_kv:
+        return cache.req_to_token_pool.req_to_token[req.kv.req_pool_idx, : req.prefix_len].to(
+            torch.int64
+        )
+    if req.prefix_len == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    return cache.prefix_device_indices(req)
+
+
+def extend_bounds(req: Any) -> tuple[int, int]:
+    """``[start, end)`` of the round the adder admitted ``req`` for."""
+    if _compat().CHECKPOINTS:
+        return req.prefix_len, req.extend_end
+    return req.extend_range.start, req.extend_range.end
+
+
+def set_extend(req: Any, start: int, end: int) -> None:
+    """Admit ``req`` for ``[start, end)`` by hand (what the adder decides)."""
+    if _compat().CHECKPOINTS:
+        assert req.prefix_len == start
+        req.extend_end = end
+    else:
+        req.set_extend_range(start, end)
+
+
+def row(stack: Stack, req: Any) -> int:
+    """The request's req-to-token row, allocated on first use."""
+    kv = req.kv if _compat().CHECKPOINTS else req
+    if kv.req_pool_idx is None:
+        stack.req_to_token.alloc([req])
+    return int(kv.req_pool_idx)
+
+
+def protected_len(req: Any) -> int:
+    return int(req.kv.cache_protected_len if _compat().CHECKPOINTS else req.cache_protected_len)
+
+
+def commit(req: Any, end: int) -> None:
+    """The forward computed KV for ``[0, end)`` of the request's row."""
+    if _compat().CHECKPOINTS:
+        req.kv.kv_committed_len = req.kv.kv_allocated_len = end
+    else:
+        req.kv_committed_len = end
+
+
+def committed(req: Any) -> int:
+    return int(req.kv.kv_committed_len if _compat().CHECKPOINTS else req.kv_committed_len)
+
+
+def lock(cache: Any, req: Any) -> None:
+    """Lock ``req``'s matched prefix, as admission does."""
+    if _compat().CHECKPOINTS:
+        req.lock = cache.lock(req.last_node)
+    else:
+        cache.inc_lock_ref(req.last_node)
+
+
+def stash(cache: Any, req: Any) -> None:
+    """Cache the chunk just prefilled (SGLang's stash of its chunked request)."""
+    if _compat().CHECKPOINTS:
+        from sglang.srt.mem_cache.common import checkpoint_kv_cache
+
+        checkpoint_kv_cache(req, cache)
+    else:
+        cache.cache_unfinished_req(req, chunked=True)
+
+
+def release(cache: Any, stack: Stack, req: Any, insert: bool = True) -> None:
+    """End ``req``: finished (its KV inserted) or, without ``insert``, aborted."""
+    if _compat().CHECKPOINTS:
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH
+        from sglang.srt.mem_cache.base_prefix_cache import CacheRequestOutcome
+        from sglang.srt.mem_cache.common import release_kv_cache
+
+        if insert:
+            req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))
+        else:  # the scheduler's abort: finish the attempt, then release without inserting
+            req.finished_reason = FINISH_ABORT()
+            cache.finish(req.cache_request_handle, CacheRequestOutcome.ABORT)
+        release_kv_cache(req, cache, checkpoint=insert)
+        return
+    cache.cache_finished_req(req, is_insert=insert, kv_len_to_handle=committed(req))
+    stack.req_to_token.free(req)
+
+
 def serve(cache: Any, stack: Stack, req: Any, write_kv: Any = None) -> Any:
     """Run ``req`` through the cache like the scheduler: match, lock, allocate the rest, write
-    its KV (``write_kv(slots, positions)``), then ``cache_finished_req``."""
+    its KV (``write_kv(slots, positions)``), then release it finished."""
     import torch
 
     res = match(cache, req)
-    cache.inc_lock_ref(res.last_device_node)
+    lock(cache, req)
     n = len(req.origin_input_ids)
-    prefix = res.device_indices
+    prefix = prefix_slots(cache, req)
     rest = n - len(prefix)
     new = stack.alloc.alloc(rest)
     assert new is not None, "tests size their pools so a request always fits"
     if write_kv is not None and rest:
         write_kv(new, torch.arange(len(prefix), n))
-    (idx,) = stack.req_to_token.alloc([req])
-    req.req_pool_idx = idx
+    idx = row(stack, req)
     stack.req_to_token.write((idx, slice(0, n)), torch.cat([prefix, new]).to(torch.int32))
-    req.cache_protected_len = len(prefix)
-    cache.cache_finished_req(req, kv_len_to_handle=n)
-    stack.req_to_token.free(req)
+    if not _compat().CHECKPOINTS:
+        req.cache_protected_len = len(prefix)
+    commit(req, n)
+    release(cache, stack, req)
     return res

@@ -22,8 +22,9 @@ equal to a fresh prefill. On the first ``match_prefix`` of a request that opts i
    per-token delta) and inserted, so the next ``match_prefix`` call (SGLang makes several per
    request) finds it as a cached prefix.
 
-After SGLang prefilled a window, ``cache_unfinished_req`` plans again from the window's end
-(steps 1 and 4) and appends the copy run to the request's prefix. Per-request state and the
+After SGLang cached a prefilled window (0.5.16 ``cache_unfinished_req``, 0.5.23
+``checkpoint``; see :mod:`leyline.server.sglang.compat`), the cache plans again from the
+window's end (steps 1 and 4) and appends the copy run to the request's prefix. Per-request state and the
 accounting live in :mod:`leyline.server.sglang.request_state`.
 """
 
@@ -52,11 +53,14 @@ from leyline.errors import PayloadError
 from leyline.protocol import Payload
 from leyline.server.core.align import align_edits, moved_spans
 from leyline.server.core.index import ContentIndex
+from leyline.server.sglang import compat
 from leyline.server.sglang.pool import PoolBinding, PoolSplicer
 from leyline.server.sglang.request_state import RequestState
 from leyline.server.sglang.windows import WINDOW_ATTR, Step, next_step
 
 __all__ = ["APPROX_SUFFIX", "LeylineCacheConfig", "LeylineRadixCache"]
+
+compat.require()  # an unsupported SGLang is refused here, naming the supported versions
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +147,7 @@ class _Sessions:
         return len(self._by_id)
 
 
-class LeylineRadixCache(RadixCache):
+class LeylineRadixCache(compat.Lifecycle, RadixCache):
     """SGLang's `RadixCache` plus AMORTIZE/FORGET directives and content-addressed reuse.
 
     Requests without a Leyline payload (or with ``approximate: false``) take exactly
@@ -178,6 +182,7 @@ class LeylineRadixCache(RadixCache):
         mock_allocator: Any | None = None,
         page_size: int = 1,
         enable_kv_cache_events: bool = False,
+        **event_options: Any,  # 0.5.23: dynamo_kv_event_format, kv_event_lora_names
     ) -> LeylineRadixCache:
         """A pool-less cache (no splices) like `RadixCache.create_simulated`, of this class."""
         params = CacheInitParams(
@@ -186,6 +191,7 @@ class LeylineRadixCache(RadixCache):
             token_to_kv_pool_allocator=mock_allocator,
             page_size=page_size,
             enable_kv_cache_events=enable_kv_cache_events,
+            **event_options,
         )
         return cls(params)
 
@@ -258,22 +264,22 @@ class LeylineRadixCache(RadixCache):
             return self._first_match(req, payload, params)
         if not state.approx:  # served exact: SGLang's own path in the plain namespace
             res = super().match_prefix(params)
-            if len(res.device_indices) < state.exact:
-                state.rematch(len(res.device_indices))
+            if compat.match_len(res) < state.exact:
+                state.rematch(compat.match_len(res))
                 state.publish(req)
             return res
-        key = RadixKey(params.key.token_ids, req.extra_key, limit=params.key.limit)
+        key = compat.radix_key(params.key.token_ids, req.extra_key, state.salt, params.key.limit)
         res = super().match_prefix(MatchPrefixParams(key=key, cow_mamba=params.cow_mamba))
         raw = key.raw_token_ids()
         tokens = _ids(raw) if len(key) else np.zeros(0, np.int64)
-        if state.settled == (len(tokens), len(res.device_indices), self._evictions):
+        if state.settled == (len(tokens), compat.match_len(res), self._evictions):
             return res  # SGLang matches several times per request: nothing changed since
         t0 = time.perf_counter()
-        if self.binding is not None and len(tokens) > len(res.device_indices):
+        if self.binding is not None and len(tokens) > compat.match_len(res):
             res = self._seed(state, raw, res, req.extra_key)
-            state.rematch(len(res.device_indices))
+            state.rematch(compat.match_len(res))
             res = self._advance(req, state, tokens, raw, res, req.extra_key)
-        state.settled = (len(tokens), len(res.device_indices), self._evictions)
+        state.settled = (len(tokens), compat.match_len(res), self._evictions)
         state.time("match", t0)
         return res
 
@@ -282,14 +288,15 @@ class LeylineRadixCache(RadixCache):
         t0 = time.perf_counter()
         plain = super().match_prefix(params)
         ns = _namespace(params.key.extra_key)
-        key = RadixKey(params.key.token_ids, ns, limit=params.key.limit)
+        salt = compat.key_salt(params.key)
+        key = compat.radix_key(params.key.token_ids, ns, salt, params.key.limit)
         res = super().match_prefix(MatchPrefixParams(key=key, cow_mamba=params.cow_mamba))
         raw = key.raw_token_ids()
         tokens = _ids(raw) if len(key) else np.zeros(0, np.int64)
-        state = RequestState(payload, prompt_len=len(req.origin_input_ids), t0=t0)
+        state = RequestState(payload, prompt_len=len(req.origin_input_ids), salt=salt, t0=t0)
         state.version, state.base_version = self._versions(payload)
         setattr(req, _STATE_ATTR, state)
-        n_plain, n_ns = len(plain.device_indices), len(res.device_indices)
+        n_plain, n_ns = compat.match_len(plain), compat.match_len(res)
         if self.binding is not None and len(tokens):
             self._prepare(state, tokens)
         # FORGET: nothing approximate after the edit. An approximate match running past it
@@ -306,7 +313,7 @@ class LeylineRadixCache(RadixCache):
         approx = ns_ok and (n_ns > n_plain or copies)
         if approx and n_plain > n_ns:  # only a plan that copies gets here: a binding exists
             res = self._seed(state, raw, res, ns, plain)
-            if len(res.device_indices) < n_plain:
+            if compat.match_len(res) < n_plain:
                 approx = False  # the exact prefix alone beats the copies without it
                 state.shortfall("no free KV slots for the copy")
                 state.note(f"no free KV slots to seed {n_plain - n_ns} exact tokens: recomputed")
@@ -315,10 +322,10 @@ class LeylineRadixCache(RadixCache):
             req.extra_key = ns  # every later lookup and insert of this request stays there
             state.indexed_from = n_ns
             state.exact = min(n_plain, self._exact_len(res.last_device_node))
-            state.inherited = len(res.device_indices) - state.exact
+            state.inherited = compat.match_len(res) - state.exact
             if planned is not None:
                 res = self._advance(req, state, tokens, raw, res, ns, planned)
-            state.settled = (len(tokens), len(res.device_indices), self._evictions)
+            state.settled = (len(tokens), compat.match_len(res), self._evictions)
         else:
             res = plain
             state.exact = state.indexed_from = n_plain
@@ -329,42 +336,38 @@ class LeylineRadixCache(RadixCache):
         self.sessions.record(payload.session, state.version, full, len(req.origin_input_ids))
         return res
 
-    def cache_unfinished_req(self, req: Any, chunked: bool = False) -> None:
-        super().cache_unfinished_req(req, chunked)
+    # SGLang's lifecycle calls reach these two through `compat.Lifecycle` (0.5.16:
+    # cache_unfinished_req / cache_finished_req; 0.5.23: checkpoint / on_release).
+
+    def _chunk_cached(self, req: Any, cached_len: int) -> None:
+        """SGLang cached a chunk of ``req`` (its row now holds ``cached_len`` tokens)."""
         state: RequestState | None = getattr(req, _STATE_ATTR, None)
         if state is None or self.disable or self.binding is None:
             return
-        if state.window_end is None or len(req.prefix_indices) != state.window_end:
+        if state.window_end is None or cached_len != state.window_end:
             return  # no window, or SGLang's own chunk budget ended this chunk inside it
         # The window is prefilled: continue the plan behind it (see windows.py).
-        # NOTE: the fields written below (prefix_indices, last_node and its lock,
-        # cache_protected_len, the req_to_token row) are the ones SGLang 0.5.16's own
-        # cache_unfinished_req maintains; tests/server/sglang/test_sgl_windows.py drives them
+        # NOTE: `compat.extend_prefix` writes the fields SGLang's own chunk caching maintains
+        # (0.5.16 and 0.5.23 differ); tests/server/sglang/test_sgl_windows.py drives them
         # through SGLang's Req and PrefillAdder and fails if their meaning moves.
         t0 = time.perf_counter()
         state.mark_time(f"window{state.windows}_cached")
         _set_window(req, state, None)
         fill = req.full_untruncated_fill_ids
-        key = RadixKey(fill, req.extra_key, limit=len(fill) - 1)  # SGLang keeps the last token
+        # SGLang keeps the last token out of the cached prefix (it prefills it for logits).
+        key = compat.radix_key(fill, req.extra_key, state.salt, len(fill) - 1)
         res = super().match_prefix(MatchPrefixParams(key=key))
         raw = key.raw_token_ids()
         out = self._advance(req, state, _ids(raw), raw, res, req.extra_key)
-        new, n_old = out.device_indices, len(req.prefix_indices)
-        if len(new) > n_old:
-            self.req_to_token_pool.write(
-                (req.req_pool_idx, slice(n_old, len(new))), new[n_old:].to(torch.int32)
-            )
-            self.dec_lock_ref(req.last_node)
-            self.inc_lock_ref(out.last_device_node)
-            req.prefix_indices, req.last_node = new, out.last_device_node
-            req.cache_protected_len = len(new)
+        if compat.match_len(out) > cached_len:
+            new = compat.match_slots(self, out)
+            compat.extend_prefix(self, req, cached_len, new, out.last_device_node)
         state.time("windows", t0)
         state.publish(req)
 
-    def cache_finished_req(
-        self, req: Any, is_insert: bool = True, *, kv_len_to_handle: int
-    ) -> None:
-        super().cache_finished_req(req, is_insert, kv_len_to_handle=kv_len_to_handle)
+    def _request_done(self, req: Any, inserted: bool, kv_len: int) -> None:
+        """SGLang is done with ``req`` (finished, or aborted without ``inserted``): its first
+        ``kv_len`` tokens had KV, cached in the tree when ``inserted``."""
         if getattr(req, WINDOW_ATTR, None) is not None:
             setattr(req, WINDOW_ATTR, None)  # finished or aborted mid-plan: no more windows
         if self.disable:
@@ -374,22 +377,25 @@ class LeylineRadixCache(RadixCache):
             state.mark_time("finished")
             state.publish(req)  # SGLang streams the first output after this call
         payload = getattr(req, _PAYLOAD_ATTR, None)
-        tokens = (req.origin_input_ids + req.output_ids)[:kv_len_to_handle]
+        tokens = (req.origin_input_ids + req.output_ids)[:kv_len]
         if isinstance(payload, Payload):
             version = state.version if state is not None else self._versions(payload)[0]
             assert version is not None
             self.sessions.record(payload.session, version, tokens, len(req.origin_input_ids))
-        if self.leyline_config.content_reuse and is_insert and self.binding is not None:
-            key = RadixKey(tokens, req.extra_key)
-            slots = super().match_prefix(MatchPrefixParams(key=key)).device_indices
-            n = len(slots)
+        if self.leyline_config.content_reuse and inserted and self.binding is not None:
+            salt = compat.req_salt(req)
+            res = super().match_prefix(
+                MatchPrefixParams(key=compat.radix_key(tokens, req.extra_key, salt))
+            )
+            n = compat.match_len(res)
             # The prefix the request matched was indexed when it was served; its chunks
             # would only be indexed again (this runs before SGLang sends the response).
             start = state.indexed_from if state is not None else 0
             if n > start:
+                slots = compat.match_slots(self, res)
                 self._index().add_sequence(
                     np.asarray(tokens[:n], dtype=np.int64), slots.cpu().numpy(),
-                    salt=_tenant(req.extra_key), start=start,
+                    salt=_tenant(req.extra_key, salt), start=start,
                 )  # fmt: skip
 
     # ----- the extension -----
@@ -433,12 +439,13 @@ class LeylineRadixCache(RadixCache):
         into the request's approximate one (delta 0: the copy stays exact). The base is
         locked with the donor: evicting to make room must not take what the plan copies."""
         if plain is None:
-            plain = super().match_prefix(MatchPrefixParams(key=RadixKey(raw, _tenant_key(ns))))
-        lo, hi = len(res.device_indices), len(plain.device_indices)
+            key = compat.radix_key(raw, _tenant_key(ns), state.salt)
+            plain = super().match_prefix(MatchPrefixParams(key=key))
+        lo, hi = compat.match_len(res), compat.match_len(plain)
         if hi <= lo:
             return res
-        src = plain.device_indices[lo:hi]
-        ns_key = RadixKey(raw, ns)
+        src = compat.match_slots(self, plain)[lo:hi]
+        ns_key = compat.radix_key(raw, ns, state.salt)
         zeros = np.zeros(hi - lo, np.int64)
         donors = [plain.last_device_node, self._base(state, ns)[1]]
         # The donor path is locked while evicting, so the second try needs no re-plan.
@@ -482,11 +489,13 @@ class LeylineRadixCache(RadixCache):
             return cached[1], cached[2], cached[3]
         b_tokens = state.base_tokens
         b_key = _arr(b_tokens)
-        b_res = super().match_prefix(MatchPrefixParams(key=RadixKey(b_key, _tenant_key(ns))))
-        in_ns = super().match_prefix(MatchPrefixParams(key=RadixKey(b_key, ns)))
-        if len(in_ns.device_indices) > len(b_res.device_indices):
+        b_res = super().match_prefix(
+            MatchPrefixParams(key=compat.radix_key(b_key, _tenant_key(ns), state.salt))
+        )
+        in_ns = super().match_prefix(MatchPrefixParams(key=compat.radix_key(b_key, ns, state.salt)))
+        if compat.match_len(in_ns) > compat.match_len(b_res):
             b_res = in_ns
-        b_slots, b_node = b_res.device_indices, b_res.last_device_node
+        b_slots, b_node = compat.match_slots(self, b_res), b_res.last_device_node
         if cached is not None and cached[2] is b_node and len(cached[1]) == len(b_slots):
             seq = cached[1]
         else:
@@ -559,7 +568,7 @@ class LeylineRadixCache(RadixCache):
             base=base_seq,
             directives=directives,
             index=index,
-            salt=_tenant(ns),
+            salt=_tenant(ns, state.salt),
             moved=state.moved if base_seq is not None else (),
         )
         if not state.outcomes and directives and base_seq is not None:
@@ -586,9 +595,9 @@ class LeylineRadixCache(RadixCache):
     ) -> MatchResult:
         """Fill the copy runs at the current match end, record the next window. ``planned``:
         the step already planned, used when the match and the tree are still as it found them."""
-        ns_key = RadixKey(raw, ns)
+        ns_key = compat.radix_key(raw, ns, state.salt)
         for attempt in range(2):
-            exact_len = len(res.device_indices)
+            exact_len = compat.match_len(res)
             if planned is None or (planned.exact_len, planned.evictions) != (
                 exact_len,
                 self._evictions,
@@ -613,7 +622,7 @@ class LeylineRadixCache(RadixCache):
                 state.mark(step.runs)
                 if self.splicer is not None and self.splicer.verify:
                     state.checks = dict(self.splicer.checks)
-            if step.window_end is not None and step.window_end > len(res.device_indices):
+            if step.window_end is not None and step.window_end > compat.match_len(res):
                 state.windows += 1
                 _set_window(req, state, step.window_end)
             else:
@@ -650,8 +659,8 @@ class LeylineRadixCache(RadixCache):
                 return False
             assert self.splicer is not None
             self.splicer.splice(src, dst, torch.as_tensor(delta))
-            lo = len(res.device_indices)
-            value = torch.cat([res.device_indices.to(dst.device), dst])
+            lo = compat.match_len(res)
+            value = torch.cat([compat.match_slots(self, res).to(dst.device), dst])
             result = self.insert(InsertParams(key=ns_key[: lo + n], value=value))
             assert result.prefix_len == lo, (result.prefix_len, lo)
             return True
@@ -694,5 +703,8 @@ def _tenant_key(ns: str) -> str | None:
     return plain or None
 
 
-def _tenant(extra_key: str | None) -> str:
-    return _tenant_key(extra_key or "") or ""
+def _tenant(extra_key: str | None, salt: str | None) -> str:
+    """The content index's tenant: the plain namespace, and the cache salt where SGLang
+    keeps it apart from the extra key (compat)."""
+    plain = _tenant_key(extra_key or "") or ""
+    return plain if salt is None else f"{plain}\x1f{salt}"

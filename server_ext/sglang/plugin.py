@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from leyline.server.core.rope import UnsupportedRope
-from leyline.server.sglang.cache import LeylineCacheConfig, LeylineRadixCache
+from leyline.server.sglang import compat
 from leyline.server.sglang.pool import PoolBinding
 from leyline.server.sglang.rotary import rope_specs_from_model
 from leyline.server.sglang.windows import install_window_hooks
@@ -89,6 +89,8 @@ def check_supported(ctx: Any) -> None:
 
 def leyline_cache_factory(ctx: Any) -> Any:
     """The ``leyline`` backend factory (`TreeCacheBuildContext` -> `LeylineRadixCache`)."""
+    from leyline.server.sglang.cache import LeylineCacheConfig, LeylineRadixCache
+
     if ctx.disable_radix_cache:
         from sglang.srt.mem_cache.registry import default_radix_cache_factory
 
@@ -142,6 +144,21 @@ def _register_http() -> None:
         HookRegistry.register(target, _install_routes_before_launch, HookType.BEFORE)
 
 
+def _refuse_version(error: compat.UnsupportedSGLangVersion) -> None:
+    """Register a factory that raises ``error``: SGLang swallows the entry point's exceptions,
+    so without it ``--radix-cache-backend leyline`` would fail as merely "not registered"."""
+    from sglang.srt.mem_cache.registry import (
+        get_radix_cache_factory,
+        register_radix_cache_backend,
+    )
+
+    def refuse(_ctx: Any) -> Any:
+        raise error
+
+    if get_radix_cache_factory(BACKEND_NAME) is None:
+        register_radix_cache_backend(BACKEND_NAME, refuse)
+
+
 def register() -> None:
     """Entry point run by SGLang's ``load_plugins``; idempotent; loud on failure."""
     try:
@@ -150,6 +167,11 @@ def register() -> None:
             register_radix_cache_backend,
         )
 
+        try:
+            compat.require()
+        except compat.UnsupportedSGLangVersion as exc:
+            _refuse_version(exc)
+            raise
         if get_radix_cache_factory(BACKEND_NAME) is None:
             register_radix_cache_backend(BACKEND_NAME, leyline_cache_factory)
         if get_radix_cache_factory(BACKEND_NAME) is not leyline_cache_factory:

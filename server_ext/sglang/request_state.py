@@ -49,6 +49,7 @@ class RequestState:
 
     payload: Payload
     prompt_len: int
+    salt: str | None = None  # the tenant's cache salt where SGLang keeps it apart (compat)
     version: int | None = None  # the payload's, or the server's next one (server-diff)
     base_version: int | None = None  # the payload's, or the session's latest (server-diff)
     exact: int = 0

@@ -95,8 +95,6 @@ def validate_payload(
     return None
 
 
-
-
 def accounting_from_meta_info(meta_info: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The accounting dict carried in a request's ``meta_info``, or None.
 

@@ -10,10 +10,11 @@ moved to a later position) is served with SGLang's own chunked prefill:
 2. the AROUND hooks on ``PrefillAdder.add_one_req`` / ``add_chunked_req`` cap the request's
    chunk at ``W``: SGLang makes it its chunked request, prefills ``[prefix, W)`` (the window,
    exact in the context of the prefix) and stops;
-3. the next scheduling round caches the chunk (``cache_unfinished_req``, which the Leyline
-   cache overrides): the copy run after ``W`` is spliced into fresh slots, inserted into the
-   radix tree and appended to the request's prefix, and the next ``W`` is recorded; the
-   adder's next ``add_chunked_req`` continues after the copy run.
+3. the next scheduling round caches the chunk (0.5.16 ``cache_unfinished_req``, 0.5.23
+   ``checkpoint``; the Leyline cache hooks both, see `compat`): the copy run after ``W`` is
+   spliced into fresh slots, inserted into the radix tree and appended to the request's
+   prefix, and the next ``W`` is recorded; the adder's next ``add_chunked_req`` continues
+   after the copy run.
 
 Cost: one extra prefill round per window (a forward pass over the window alone, plus the
 splice). Copy runs shorter than ``min_copy_run`` tokens are recomputed instead (the round would
@@ -28,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from leyline.server.sglang import compat
 
 __all__ = [
     "HOOK_TARGETS",
@@ -86,7 +89,7 @@ def _window_cap(req: Any) -> int | None:
     end = getattr(req, WINDOW_ATTR, None)
     if end is None:
         return None
-    prefix = len(req.prefix_indices)
+    prefix = compat.prefix_len(req)
     remaining = len(req.full_untruncated_fill_ids) - prefix
     cap = end - prefix
     return cap if 0 < cap < remaining else None

@@ -10,7 +10,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from _sglang_support import isolate_http_hooks, make_req, require_sglang
+from _sglang_support import isolate_http_hooks, make_req, require_sglang, set_server_args
 
 require_sglang()
 
@@ -23,9 +23,9 @@ from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat  # noqa
 from sglang.srt.entrypoints.openai.serving_completions import (  # noqa: E402
     OpenAIServingCompletion,
 )
+from sglang.srt.parser.template_manager import TemplateManager  # noqa: E402
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
-from sglang.srt.server_args import ServerArgs  # noqa: E402
 
 from leyline.directives import Mode  # noqa: E402
 from leyline.errors import PayloadError  # noqa: E402
@@ -119,11 +119,15 @@ def hooks(monkeypatch: pytest.MonkeyPatch) -> type[HookRegistry]:
 
 
 def _manager() -> SimpleNamespace:
-    """What the serving classes read of SGLang's TokenizerManager before validating."""
+    """What the serving classes read of SGLang's TokenizerManager before validating (0.5.23
+    also reads its ``config_value`` and the process's published config)."""
     hf = SimpleNamespace(model_type="llama", architectures=["LlamaForCausalLM"])
+    args = set_server_args()
     return SimpleNamespace(
-        server_args=ServerArgs(model_path="dummy"), tokenizer=None,
-        model_config=SimpleNamespace(get_default_sampling_params=dict, hf_config=hf),
+        server_args=args, tokenizer=None, config_value=lambda name: getattr(args, name),
+        model_config=SimpleNamespace(
+            get_default_sampling_params=dict, hf_config=hf, is_multimodal=False
+        ),
     )  # fmt: skip
 
 
@@ -132,7 +136,7 @@ def test_malformed_payload_is_a_400_from_sglangs_serving_classes(hooks, raw: str
     with pytest.raises(PayloadError) as exc:
         Payload.from_custom_params({"leyline": raw})
     want = str(exc.value)
-    chat = OpenAIServingChat(_manager(), None)
+    chat = OpenAIServingChat(_manager(), TemplateManager())
     resp = asyncio.run(chat.handle_request(_chat({"leyline": raw}), None))
     assert resp.status_code == 400
     body = json.loads(resp.body)

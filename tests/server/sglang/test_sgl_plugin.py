@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sys
 from types import SimpleNamespace
 
@@ -99,6 +100,45 @@ def test_broken_registration_is_loud(monkeypatch, caplog) -> None:
     assert "registration FAILED" in caplog.text and "another factory" in caplog.text
 
 
+def test_installed_sglang_is_a_supported_version() -> None:
+    import sglang
+
+    from leyline.server.sglang import compat
+
+    assert compat.require() == sglang.__version__ in compat.SUPPORTED_VERSIONS
+    # The lifecycle hooks the cache gets are the installed version's.
+    hooks = {"checkpoint", "on_release"} if compat.CHECKPOINTS else {"cache_unfinished_req"}
+    assert hooks <= set(vars(compat.Lifecycle))
+    assert all(getattr(LeylineRadixCache, h) is vars(compat.Lifecycle)[h] for h in hooks)
+
+
+def test_an_unsupported_sglang_is_refused_at_startup_naming_the_supported_ones(
+    monkeypatch, caplog
+) -> None:
+    from leyline.server.sglang import compat
+
+    with pytest.raises(
+        compat.UnsupportedSGLangVersion, match=re.escape("0.5.16 and 0.5.23; sglang 0.5.20")
+    ):
+        compat.require("0.5.20")
+    monkeypatch.setattr(compat, "installed_version", lambda: "0.5.20")
+    with (
+        caplog.at_level(logging.ERROR, logger="leyline.sglang"),
+        pytest.raises(compat.UnsupportedSGLangVersion),
+    ):
+        plugin.register()
+    assert "registration FAILED" in caplog.text and "0.5.20" in caplog.text
+    # SGLang swallows the entry point's exception; the backend it registered instead refuses
+    # to build the cache with the same message, so the server does not start on it.
+    set_server_args()
+    mha = mha_stack(size=32, layers=2, heads=2, head_dim=16, v_dim=16)
+    ropes = [get_rope(16, 16, 2048, 10000, True, None, torch.float32) for _ in range(2)]
+    with pytest.raises(
+        compat.UnsupportedSGLangVersion, match=re.escape("supports sglang 0.5.16 and 0.5.23")
+    ):
+        registry.create_tree_cache(_ctx(mha, _Model(ropes)))
+
+
 class _Attn(torch.nn.Module):
     def __init__(self, rope) -> None:
         super().__init__()
@@ -118,8 +158,7 @@ class _Model(torch.nn.Module):
 def _ctx(stack, model, **over):
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
-    args = set_server_args()
-    args.radix_cache_backend = "leyline"
+    args = set_server_args(radix_cache_backend="leyline")
     fields = dict(
         server_args=args, params=stack.params, is_hybrid_swa=False, is_hybrid_ssm=False,
         enable_hierarchical_cache=False, disable_radix_cache=False,
@@ -129,7 +168,9 @@ def _ctx(stack, model, **over):
         model_config=None, tp_size=1, tp_rank=0, tp_group=None,
     )  # fmt: skip
     fields.update(over)
-    return TreeCacheBuildContext(**fields)
+    # 0.5.16 has effective_chunked_prefill_size, 0.5.23 does not: pass what this one takes.
+    known = {f.name for f in dataclasses.fields(TreeCacheBuildContext)}
+    return TreeCacheBuildContext(**{k: v for k, v in fields.items() if k in known})
 
 
 def test_create_tree_cache_builds_leyline_for_mha_and_mla() -> None:

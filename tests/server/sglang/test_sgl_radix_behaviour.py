@@ -7,7 +7,23 @@ import dataclasses
 from array import array
 
 import pytest
-from _sglang_support import make_req, match, mha_stack, require_sglang, serve
+from _sglang_support import (
+    commit,
+    extend_bounds,
+    lock,
+    make_req,
+    match,
+    mha_stack,
+    prefix_slots,
+    protected_len,
+    release,
+    require_sglang,
+    row,
+    serve,
+    set_extend,
+    slots,
+    stash,
+)
 
 require_sglang()
 
@@ -32,6 +48,11 @@ def m(cache, ids, extra=None):
     return cache.match_prefix(MatchPrefixParams(key=key(ids, extra)))
 
 
+def ms(cache, ids, extra=None):
+    """The slots ``ids`` match."""
+    return slots(cache, m(cache, ids, extra))
+
+
 @pytest.mark.parametrize("cls", CLASSES)
 def test_create_simulated_returns_the_class(cls) -> None:
     assert type(cls.create_simulated()) is cls
@@ -42,23 +63,23 @@ def test_insert_match_and_node_split(cls) -> None:
     c = cls.create_simulated()
     c.insert(InsertParams(key=key([1, 2, 3, 4, 5]), value=torch.tensor([11, 12, 13, 14, 15])))
     r = m(c, [1, 2, 3, 9])
-    assert r.device_indices.tolist() == [11, 12, 13]
+    assert slots(c, r).tolist() == [11, 12, 13]
     # the match ended inside a node: it was split at the boundary
     assert len(r.last_device_node.key) == 3 and len(r.last_device_node.children) == 1
     res = c.insert(InsertParams(key=key([1, 2, 3, 7, 8]), value=torch.tensor([11, 12, 13, 17, 18])))
     assert res.prefix_len == 3
-    assert m(c, [1, 2, 3, 7, 8, 6]).device_indices.tolist() == [11, 12, 13, 17, 18]
+    assert ms(c, [1, 2, 3, 7, 8, 6]).tolist() == [11, 12, 13, 17, 18]
     assert c.total_size() == 7 and c.evictable_size() == 7
-    assert m(c, []).device_indices.numel() == 0
+    assert ms(c, []).numel() == 0
 
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_extra_key_isolation(cls) -> None:
     c = cls.create_simulated()
     c.insert(InsertParams(key=key([4, 5, 6], "tenant-a"), value=torch.tensor([1, 2, 3])))
-    assert m(c, [4, 5, 6], "tenant-a").device_indices.tolist() == [1, 2, 3]
-    assert m(c, [4, 5, 6], "tenant-b").device_indices.numel() == 0
-    assert m(c, [4, 5, 6]).device_indices.numel() == 0
+    assert ms(c, [4, 5, 6], "tenant-a").tolist() == [1, 2, 3]
+    assert ms(c, [4, 5, 6], "tenant-b").numel() == 0
+    assert ms(c, [4, 5, 6]).numel() == 0
 
 
 @pytest.mark.parametrize("cls", CLASSES)
@@ -66,7 +87,7 @@ def test_page_alignment(cls) -> None:
     c = cls.create_simulated(page_size=4)
     c.insert(InsertParams(key=key(list(range(1, 11))), value=torch.arange(101, 111)))
     assert c.total_size() == 8  # 10 tokens round down to two pages
-    assert m(c, [*list(range(1, 7)), 99]).device_indices.tolist() == [101, 102, 103, 104]
+    assert ms(c, [*list(range(1, 7)), 99]).tolist() == [101, 102, 103, 104]
 
 
 @pytest.mark.parametrize("cls", CLASSES)
@@ -85,7 +106,7 @@ def test_lock_unlock_evict_and_memory_invariant(cls) -> None:
     assert stack.invariant(c) == stack.size
     c.evict(EvictParams(num_tokens=100))
     assert c.evictable_size() == 0 and c.protected_size() == 30  # locked path survives
-    assert m(c, list(range(100, 130))).device_indices.numel() == 30
+    assert ms(c, list(range(100, 130))).numel() == 30
     c.dec_lock_ref(r.last_device_node)
     assert stack.invariant(c) == stack.size
     c.evict(EvictParams(num_tokens=100))
@@ -99,9 +120,9 @@ def test_requests_without_directives_match_like_sglang(cls) -> None:
     serve(c, stack, make_req("a", list(range(1, 21))))
     r = make_req("b", [*list(range(1, 16)), 99, 98])
     res = match(c, r)
-    assert len(res.device_indices) == 15 and r.extra_key is None
+    assert len(slots(c, res)) == 15 and r.extra_key is None
     res2 = match(c, r)  # a second call is a no-op
-    assert torch.equal(res.device_indices, res2.device_indices)
+    assert torch.equal(slots(c, res), slots(c, res2))
     assert r.customized_info is None
 
 
@@ -119,31 +140,31 @@ def test_cache_events(cls) -> None:
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_chunked_prefill_without_payload_caches_like_sglang(cls) -> None:
-    """``cache_unfinished_req`` (overridden for middle windows) between two chunks, then
-    ``cache_finished_req``: same prefix, locks and free slots as SGLang's own cache."""
+    """SGLang's chunk caching between two chunks (0.5.16 ``cache_unfinished_req``, 0.5.23
+    ``checkpoint``, both hooked for middle windows), then the release of the finished request:
+    same prefix, locks and free slots as SGLang's own cache."""
     stack = mha_stack(size=64, layers=1, heads=1, head_dim=8, v_dim=8)
     c = cls(stack.params)
     serve(c, stack, make_req("a", list(range(1, 11))))
     r = make_req("b", list(range(1, 31)))
     r.init_next_round_input(c)
-    assert len(r.prefix_indices) == 10
-    c.inc_lock_ref(r.last_node)
-    (r.req_pool_idx,) = stack.req_to_token.alloc([r])
+    assert len(prefix_slots(c, r)) == 10
+    lock(c, r)
     for end in (20, 30):  # two chunks: [10, 20) then [20, 30)
-        start = len(r.prefix_indices)
-        r.set_extend_range(start, end)
+        prefix = prefix_slots(c, r)
+        start = len(prefix)
+        set_extend(r, start, end)
+        assert extend_bounds(r) == (start, end)
         new = stack.alloc.alloc(end - start)
-        stack.req_to_token.write(
-            (r.req_pool_idx, slice(0, end)), torch.cat([r.prefix_indices, new]).to(torch.int32)
-        )
-        r.kv_committed_len = end
+        idx = row(stack, r)
+        stack.req_to_token.write((idx, slice(0, end)), torch.cat([prefix, new]).to(torch.int32))
+        commit(r, end)
         if end == 20:
-            c.cache_unfinished_req(r, chunked=True)
-            assert len(r.prefix_indices) == 20 and r.cache_protected_len == 20
+            stash(c, r)
+            assert len(prefix_slots(c, r)) == 20 and protected_len(r) == 20
             assert c.protected_size() == 20
             r.init_next_round_input()
-    c.cache_finished_req(r, kv_len_to_handle=30)
-    stack.req_to_token.free(r)
+    release(c, stack, r)
     assert c.protected_size() == 0 and c.evictable_size() == 30
     assert stack.invariant(c) == stack.size
-    assert len(m(c, list(range(1, 31))).device_indices) == 30
+    assert len(ms(c, list(range(1, 31)))) == 30

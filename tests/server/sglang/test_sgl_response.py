@@ -1,4 +1,4 @@
-"""The accounting reaches the client's top-level ``leyline`` object through SGLang 0.5.16's real
+"""The accounting reaches the client's top-level ``leyline`` object through SGLang's real
 OpenAI serving layer (`OpenAIServingChat`: non-streaming response and the final usage chunk of a
 stream), with the hooks applied by SGLang's own `HookRegistry`.
 
@@ -13,7 +13,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from _sglang_support import isolate_http_hooks, make_req, require_sglang
+from _sglang_support import isolate_http_hooks, make_req, require_sglang, set_server_args
 
 require_sglang()
 
@@ -22,8 +22,8 @@ from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest  # noqa
 from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat  # noqa: E402
 from sglang.srt.managers.io_struct import GenerateReqInput  # noqa: E402
 from sglang.srt.managers.tokenizer_manager import TokenizerManager  # noqa: E402
+from sglang.srt.parser.template_manager import TemplateManager  # noqa: E402
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType  # noqa: E402
-from sglang.srt.server_args import ServerArgs  # noqa: E402
 
 from leyline import Accounting  # noqa: E402
 from leyline.protocol import DirectiveOutcome, ResponseInfo, Status, TokenCounts  # noqa: E402
@@ -48,11 +48,16 @@ class FakeTokenizerManager:
     """What OpenAIServingChat reads of SGLang's TokenizerManager; outputs are canned."""
 
     def __init__(self, outs: list[dict]) -> None:
-        self.server_args = ServerArgs(model_path="dummy", enable_cache_report=True)
+        self.server_args = set_server_args(enable_cache_report=True)
         hf = SimpleNamespace(model_type="llama", architectures=["LlamaForCausalLM"])
-        self.model_config = SimpleNamespace(get_default_sampling_params=dict, hf_config=hf)
+        self.model_config = SimpleNamespace(
+            get_default_sampling_params=dict, hf_config=hf, is_multimodal=False
+        )
         self.tokenizer = None
         self.outs = outs
+
+    def config_value(self, name: str) -> object:  # 0.5.23 reads its config through this
+        return getattr(self.server_args, name)
 
     async def _produce(self, obj, request=None):
         for out in self.outs:
@@ -73,7 +78,7 @@ def _meta(wire, **over) -> dict:
 
 
 def _serving(outs: list[dict]) -> OpenAIServingChat:
-    return OpenAIServingChat(FakeTokenizerManager(outs), None)
+    return OpenAIServingChat(FakeTokenizerManager(outs), TemplateManager())
 
 
 def _request(stream: bool) -> ChatCompletionRequest:

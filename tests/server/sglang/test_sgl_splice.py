@@ -1,4 +1,4 @@
-"""Directive splices inside SGLang 0.5.16's real MHA and MLA pools, checked against SGLang's own
+"""Directive splices inside SGLang's real (0.5.16 and 0.5.23) MHA and MLA pools, checked against SGLang's own
 rotary embedding at the new positions; memory invariant, idempotency, isolation, failures."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from _sglang_support import (
     require_sglang,
     serve,
     set_server_args,
+    slots,
 )
 
 require_sglang()
@@ -149,25 +150,25 @@ def test_amortize_splice_equals_sglang_rotary_at_new_positions(
     free_before = stack.alloc.available_size()
     res = match(cache, r2)
     kept = N1 - (CUT_B - CUT_A)
-    assert len(res.device_indices) == kept  # prefix + spliced suffix; the new turn is prefilled
+    assert len(slots(cache, res)) == kept  # prefix + spliced suffix; the new turn is prefilled
     # The base is exact, in the plain namespace: its prefix is seeded into the approximate one
     # (a delta-0 copy, bit-exact) and the suffix spliced after it.
     assert stack.alloc.available_size() == free_before - kept
-    exact = match(cache, make_req("p", base, None)).device_indices[:CUT_A]
+    exact = slots(cache, match(cache, make_req("p", base, None)))[:CUT_A]
     buffers = stack.pool.k_buffer if kind == "mha" else stack.pool.kv_buffer
-    assert all(torch.equal(b[res.device_indices[:CUT_A]], b[exact]) for b in buffers)
-    slots = res.device_indices[CUT_A:kept]
+    assert all(torch.equal(b[slots(cache, res)[:CUT_A]], b[exact]) for b in buffers)
+    spliced = slots(cache, res)[CUT_A:kept]
     pos = torch.arange(CUT_A, kept)
     inst = pos + (CUT_B - CUT_A)  # the base token instance each new position holds
     for layer in range(model.layers):
         want = model.key_at(layer, inst, pos)
         if kind == "mha":
-            got = stack.pool.k_buffer[layer][slots].float()
+            got = stack.pool.k_buffer[layer][spliced].float()
             torch.testing.assert_close(got, want.to(dtype).float(), rtol=tol, atol=tol)
-            v = stack.pool.v_buffer[layer][slots]
+            v = stack.pool.v_buffer[layer][spliced]
             assert torch.equal(v, model.raw_v[layer][inst].to(dtype))  # V bit-exact
         else:
-            got = stack.pool.kv_buffer[layer][slots]
+            got = stack.pool.kv_buffer[layer][spliced]
             rank = stack.pool.kv_lora_rank
             assert torch.equal(got[..., :rank], model.raw_k[layer][inst][..., :rank].to(dtype))
             torch.testing.assert_close(
@@ -176,7 +177,7 @@ def test_amortize_splice_equals_sglang_rotary_at_new_positions(
 
     # Idempotent: SGLang calls match_prefix several times per request.
     again = match(cache, r2)
-    assert torch.equal(again.device_indices, res.device_indices)
+    assert torch.equal(slots(cache, again), slots(cache, res))
     assert stack.alloc.available_size() == free_before - kept
     info = json.loads(r2.customized_info["leyline"][0])
     assert info["tokens"] == {"exact": CUT_A, "inherited": 0, "spliced": kept - CUT_A,
@@ -188,9 +189,9 @@ def test_amortize_splice_equals_sglang_rotary_at_new_positions(
     # A request that did not opt in never sees the spliced (approximate) KV: only the exact
     # prefix, which the base left in the plain namespace.
     plain = make_req("r3", new, None)
-    assert len(match(cache, plain).device_indices) == CUT_A
+    assert len(slots(cache, match(cache, plain))) == CUT_A
     plain2 = make_req("r4", new, _payload(3, 2, approximate=False))
-    assert len(match(cache, plain2).device_indices) == CUT_A
+    assert len(slots(cache, match(cache, plain2))) == CUT_A
     assert plain2.customized_info is None  # served by SGLang's own path, no accounting
 
 
@@ -200,7 +201,7 @@ def test_forget_matches_only_the_kept_prefix_and_invariant_holds() -> None:
     serve(cache, stack, make_req("r1", base, _payload(1, None)), model.writer(lambda p: p))
     r2 = make_req("r2", new, _payload(2, 1, ["forget"]))
     res = match(cache, r2)
-    assert len(res.device_indices) == CUT_A
+    assert len(slots(cache, res)) == CUT_A
     info = json.loads(r2.customized_info["leyline"][0])
     assert info["tokens"]["spliced"] == 0 and info["tokens"]["exact"] == CUT_A
     assert stack.invariant(cache) == stack.size
@@ -234,7 +235,7 @@ def test_allocation_failure_serves_the_exact_match() -> None:
     grabbed = stack.alloc.alloc(stack.alloc.available_size())
     r2 = make_req("r2", new, _payload(2, 1, ["amortize"]))
     res = match(cache, r2)
-    assert len(res.device_indices) == CUT_A
+    assert len(slots(cache, res)) == CUT_A
     assert stack.alloc.available_size() == 0
     stack.alloc.free(grabbed)
     cache.dec_lock_ref(held.last_device_node)
@@ -253,8 +254,8 @@ def test_allocation_evicts_unlocked_nodes_but_not_the_donor() -> None:
     r2 = make_req("r2", new, _payload(2, 1, ["amortize"]))
     res = match(cache, r2)
     kept = N1 - (CUT_B - CUT_A)
-    assert len(res.device_indices) == kept
-    assert len(match(cache, make_req("o2", other, None)).device_indices) < len(other) - 1
+    assert len(slots(cache, res)) == kept
+    assert len(slots(cache, match(cache, make_req("o2", other, None)))) < len(other) - 1
     stack.alloc.free(grabbed)
     assert stack.invariant(cache) == stack.size
 
@@ -276,7 +277,7 @@ def test_base_slots_stay_on_the_host_across_unrelated_evictions() -> None:
     assert seq is not None and len(seq) > N1 - 5
     cache.inc_lock_ref(node)
     cache.evict(EvictParams(num_tokens=10**6))  # the unrelated sequence and r2's copies go
-    assert len(match(cache, make_req("o2", other, None)).device_indices) == 0
+    assert len(slots(cache, match(cache, make_req("o2", other, None)))) == 0
     again, node2, slots2 = cache._base(state, r2.extra_key)
     assert again is seq and node2 is node and slots2.tolist() == seq.slots.tolist()
     cache.dec_lock_ref(node)

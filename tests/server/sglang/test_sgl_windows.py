@@ -1,11 +1,12 @@
-"""Middle windows on SGLang 0.5.16's own scheduling classes: plans of the form
+"""Middle windows on SGLang's own scheduling classes (0.5.16 and 0.5.23): plans of the form
 ``[exact][window][copy][window][copy]...[turn]`` served with only the windows prefilled.
 
 Each request goes through what the scheduler does with it: ``Req.init_next_round_input``
 (radix match), SGLang's real ``PrefillAdder`` (``add_one_req``, then ``add_chunked_req`` per
 round) with the plugin's hooks applied through SGLang's ``HookRegistry``, a forward step that
-allocates the round's slots and writes their KV, ``cache_unfinished_req`` between rounds and
-``cache_finished_req`` (or an abort's release) at the end. The forward is the only fake: a
+allocates the round's slots and writes their KV, SGLang's chunk caching between rounds
+(0.5.16 ``cache_unfinished_req``, 0.5.23 ``checkpoint_kv_cache``) and the release at the end
+(finished, or an abort's; `_sglang_support` holds the steps of each version). The forward is the only fake: a
 context-free model whose KV depends on (token id, position) only, written after SGLang's own
 rotary embedding. In such a model a fresh prefill gives ``key_at(token[p], p)`` at every
 position, so the final KV of every position is checked against that, and the rounds show what
@@ -17,7 +18,19 @@ from __future__ import annotations
 import json
 
 import pytest
-from _sglang_support import install_vllm_ops_stub, make_req, mha_stack, require_sglang
+from _sglang_support import (
+    commit,
+    extend_bounds,
+    install_vllm_ops_stub,
+    make_req,
+    mha_stack,
+    prefix_slots,
+    release,
+    require_sglang,
+    row,
+    slots,
+    stash,
+)
 
 require_sglang()
 
@@ -74,11 +87,10 @@ class World:
 
     def forward(self, req) -> None:
         """What prepare_for_extend + the model do for the round's extend range."""
-        s, e = req.extend_range.start, req.extend_range.end
-        prefix = req.prefix_indices
+        s, e = extend_bounds(req)
+        prefix = prefix_slots(self.cache, req)
         assert len(prefix) == s
-        if req.req_pool_idx is None:
-            (req.req_pool_idx,) = self.stack.req_to_token.alloc([req])
+        idx = row(self.stack, req)
         new = self.stack.alloc.alloc(e - s)
         if new is None:  # as SGLang's alloc_for_extend: evict unlocked leaves, then allocate
             self.cache.evict(EvictParams(num_tokens=e - s - self.stack.alloc.available_size()))
@@ -89,10 +101,8 @@ class World:
         for layer in range(2):
             self.stack.pool.k_buffer[layer][new] = self.key_at(layer, toks, pos)
             self.stack.pool.v_buffer[layer][new] = self.raw_v[layer][toks]
-        self.stack.req_to_token.write(
-            (req.req_pool_idx, slice(0, e)), torch.cat([prefix, new]).to(torch.int32)
-        )
-        req.kv_committed_len = e
+        self.stack.req_to_token.write((idx, slice(0, e)), torch.cat([prefix, new]).to(torch.int32))
+        commit(req, e)
         self.prefilled += e - s
 
     def adder(self, chunk: int | None) -> PrefillAdder:
@@ -111,26 +121,23 @@ class World:
         chunked = adder.new_chunked_req is req
         while True:
             self.forward(req)
-            rounds.append((req.extend_range.start, req.extend_range.end))
+            rounds.append(extend_bounds(req))
             if not chunked:
                 break
             grabbed = self.stack.alloc.alloc(self.stack.alloc.available_size()) if squeeze else None
-            self.cache.cache_unfinished_req(req, chunked=True)  # SGLang's stash
+            stash(self.cache, req)  # SGLang's stash of its chunked request
             if grabbed is not None:
                 self.stack.alloc.free(grabbed)
                 squeeze = False
             if abort_after is not None and len(rounds) == abort_after:
-                # process_pending_chunked_abort -> release_kv_cache(req, is_insert=False)
-                self.cache.cache_finished_req(req, is_insert=False,
-                                              kv_len_to_handle=req.kv_committed_len)  # fmt: skip
-                self.stack.req_to_token.free(req)
+                # process_pending_chunked_abort: released without inserting
+                release(self.cache, self.stack, req, insert=False)
                 return rounds
             req.init_next_round_input()
             adder = self.adder(chunk)
             chunked = adder.add_chunked_req(req) is req
             assert adder.can_run_list == [req]
-        self.cache.cache_finished_req(req, kv_len_to_handle=req.kv_committed_len)
-        self.stack.req_to_token.free(req)
+        release(self.cache, self.stack, req)
         return rounds
 
     def kv_of(self, tokens: list[int]) -> torch.Tensor:
@@ -143,7 +150,7 @@ class World:
 
         key = _arr(np.array(tokens))
         found = [
-            self.cache.match_prefix(MatchPrefixParams(key=RadixKey(key, ns))).device_indices
+            slots(self.cache, self.cache.match_prefix(MatchPrefixParams(key=RadixKey(key, ns))))
             for ns in (APPROX_SUFFIX, None)
         ]
         return max(found, key=len)
@@ -428,7 +435,7 @@ def test_a_window_never_makes_a_second_chunked_request_in_one_round() -> None:
     adder = w.adder(4096)
     adder.add_one_req(windowed, has_chunked_req=False, truncation_align_size=None)
     assert adder.new_chunked_req is windowed
-    assert windowed.extend_range.end == getattr(windowed, WINDOW_ATTR)
+    assert extend_bounds(windowed)[1] == getattr(windowed, WINDOW_ATTR)
     assert adder.rem_chunk_tokens == 0
     w.cache.dec_lock_ref(windowed.last_node)
 
@@ -449,7 +456,7 @@ def test_appended_turns_stay_exact() -> None:
     assert info["tokens"]["recomputed"] == len(TURN)
     plain = make_req("p", v2, None)  # a request without payload shares that KV
     plain.init_next_round_input(w.cache)
-    assert len(plain.prefix_indices) == len(v2) - 1
+    assert len(prefix_slots(w.cache, plain)) == len(v2) - 1
     w.cache.dec_lock_ref(plain.last_node)
     w.assert_no_leak()
 
@@ -473,7 +480,7 @@ def test_a_spliced_prefix_is_inherited_by_the_next_request_not_exact() -> None:
     for payload in (None, {**_payload(4, 3, []), "approximate": False}):
         other = make_req("o", v3, payload)
         other.init_next_round_input(w.cache)
-        assert len(other.prefix_indices) == t["exact"] and other.customized_info is None
+        assert len(prefix_slots(w.cache, other)) == t["exact"] and other.customized_info is None
         w.cache.dec_lock_ref(other.last_node)
     w.assert_fresh_prefill_kv(v3)
     w.assert_no_leak()

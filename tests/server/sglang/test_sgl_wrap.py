@@ -1,5 +1,5 @@
-"""``leyline.wrap`` (the real ``openai`` client, sync, streaming and async) against SGLang
-0.5.16's real OpenAI serving layer over real HTTP.
+"""``leyline.wrap`` (the real ``openai`` client, sync, streaming and async) against SGLang's
+real OpenAI serving layer (0.5.16 and 0.5.23) over real HTTP.
 
 Served by uvicorn on 127.0.0.1 (a free port, background thread): a FastAPI app whose
 ``/v1/chat/completions`` route is SGLang's own (``http_server.openai_v1_chat_completions``:
@@ -28,7 +28,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from _sglang_support import isolate_http_hooks, require_sglang
+from _sglang_support import isolate_http_hooks, require_sglang, set_server_args
 
 require_sglang()
 
@@ -41,7 +41,6 @@ from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat  # noqa
 from sglang.srt.managers.io_struct import GenerateReqInput  # noqa: E402
 from sglang.srt.parser.template_manager import TemplateManager  # noqa: E402
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
-from sglang.srt.server_args import ServerArgs  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
@@ -107,7 +106,7 @@ class StandInTokenizerManager:
     ``generate_request`` yielding canned outputs in the tokenizer manager's shapes."""
 
     def __init__(self) -> None:
-        self.server_args = ServerArgs(model_path=MODEL, enable_cache_report=True)
+        self.server_args = set_server_args(model_path=MODEL, enable_cache_report=True)
         hf = SimpleNamespace(model_type="llama", architectures=["LlamaForCausalLM"])
         self.model_config = SimpleNamespace(
             get_default_sampling_params=dict, hf_config=hf, is_multimodal=False
@@ -117,6 +116,9 @@ class StandInTokenizerManager:
         self.request_logger = SimpleNamespace(log_requests=False, log_requests_level=0)
         self.received: list[GenerateReqInput] = []
         self.payloads: list[Payload | None] = []
+
+    def config_value(self, name: str) -> Any:  # 0.5.23 reads its config through this
+        return getattr(self.server_args, name)
 
     def create_abort_task(self, obj: GenerateReqInput) -> None:
         return None  # the real one aborts the scheduler request on disconnect
@@ -153,7 +155,7 @@ class StandInTokenizerManager:
 
 
 async def openai_v1_chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Any:
-    """SGLang 0.5.16's ``http_server.openai_v1_chat_completions`` (its content-type check
+    """SGLang's ``http_server.openai_v1_chat_completions`` (its content-type check
     dependency is left out: the openai client always sends JSON)."""
     return await raw_request.app.state.openai_serving_chat.handle_request(request, raw_request)
 
