@@ -18,8 +18,10 @@ def local_server(
     kv_tokens: int = 32768,
     content_reuse: bool = True,
     seed: int = 0,
+    api_key: str | None = None,
 ) -> Iterator[Any]:
-    """A fresh engine (empty cache) behind HTTP on a free localhost port, stopped on exit.
+    """A fresh engine (empty cache) behind HTTP on a free localhost port, stopped on exit;
+    with ``api_key``, it requires that key (send it as the eval's own API key).
 
     Yields :class:`leyline.server.engine.server.InProcessServer` (``base_url``, ``engine``,
     ``model``).
@@ -39,6 +41,7 @@ def local_server(
         kv_tokens=kv_tokens,
         content_reuse=content_reuse,
         seed=seed,
+        api_keys=(api_key,) if api_key else (),
     )
     with serve_in_thread(cfg) as srv:
         yield srv

@@ -46,18 +46,27 @@ class ChatResult:
 
 
 class LeylineClient:
-    """Synchronous client; ``base_url`` ends in ``/v1`` like an OpenAI base URL."""
+    """Synchronous client; ``base_url`` ends in ``/v1`` like an OpenAI base URL.
+
+    ``api_key`` (default ``LEYLINE_API_KEY``) goes out as ``Authorization: Bearer``, as the
+    ``openai`` client sends it; ``cache_salt`` (optional) is sent with every chat request and
+    session call: together they name the client's tenant on the server (docs/security.md)::
+
+        LeylineClient("http://127.0.0.1:8000/v1", api_key="k1", cache_salt="team-a")
+    """
 
     def __init__(
         self,
         base_url: str | None = None,
         *,
         api_key: str | None = None,
+        cache_salt: str | None = None,
         timeout: float = 600.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         env = Environment.read()
         self.base_url = (base_url or env.base_url).rstrip("/")
+        self.cache_salt = cache_salt
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=timeout,
@@ -79,9 +88,10 @@ class LeylineClient:
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, json: Any = None) -> Any:
+    def _request(self, method: str, path: str, json: Any = None, *, salted: bool = False) -> Any:
+        params = {"cache_salt": self.cache_salt} if salted and self.cache_salt else None
         try:
-            response = self._http.request(method, path, json=json)
+            response = self._http.request(method, path, json=json, params=params)
         except httpx.HTTPError as exc:
             raise TransportError(f"{method} {self.base_url}{path} failed: {exc}") from exc
         try:
@@ -104,6 +114,8 @@ class LeylineClient:
     ) -> ChatResult:
         """Send one chat completion; with a ``session``, attach and commit its payload."""
         request: dict[str, Any] = {"model": model, "messages": list(messages), **params}
+        if self.cache_salt is not None:
+            request.setdefault("cache_salt", self.cache_salt)
         if tools:
             request["tools"] = list(tools)
         prepared = None
@@ -118,16 +130,17 @@ class LeylineClient:
     def open_session(self, session: Session | str, *, ttl_s: float | None = None) -> Any:
         """Open (or refresh) a session on the server."""
         sid = session.id if isinstance(session, Session) else session
-        return self._request("POST", f"/leyline/sessions/{sid}", {"ttl_s": ttl_s} if ttl_s else {})
+        body = {"ttl_s": ttl_s} if ttl_s else {}
+        return self._request("POST", f"/leyline/sessions/{sid}", body, salted=True)
 
     def get_session(self, session: Session | str) -> Any:
         sid = session.id if isinstance(session, Session) else session
-        return self._request("GET", f"/leyline/sessions/{sid}")
+        return self._request("GET", f"/leyline/sessions/{sid}", salted=True)
 
     def close_session(self, session: Session | str) -> Any:
         """Close a session: its cache locks are released and its approximate KV dropped."""
         sid = session.id if isinstance(session, Session) else session
-        return self._request("DELETE", f"/leyline/sessions/{sid}")
+        return self._request("DELETE", f"/leyline/sessions/{sid}", salted=True)
 
     def stats(self) -> Any:
         return self._request("GET", "/leyline/stats")

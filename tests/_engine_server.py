@@ -15,7 +15,11 @@ RunningServer = InProcessServer
 
 @contextmanager
 def running_server(**overrides: Any) -> Iterator[InProcessServer]:
-    settings: dict[str, Any] = {"model": "tiny-llama", "device": "cpu", "kv_tokens": 4096}
+    # The tests check per-token accounting; the shipped block granularity (docs/security.md)
+    # is tested in tests/server/engine/test_tenants.py with EngineConfig's own defaults.
+    settings: dict[str, Any] = {
+        "model": "tiny-llama", "device": "cpu", "kv_tokens": 4096, "cache_block_tokens": 1,
+    }  # fmt: skip
     settings.update(overrides)
     with serve_in_thread(EngineConfig(port=free_port(), **settings)) as srv:
         yield srv

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from leyline._config import Environment
 from leyline.server.engine.config import EngineConfig
 
 _DEFAULTS = EngineConfig()
@@ -46,11 +47,77 @@ def parser() -> argparse.ArgumentParser:
         help="seconds an idle session keeps its cache locked",
     )
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    sec = p.add_argument_group("authentication and tenants (docs/security.md)")
+    sec.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every route but /health; repeat for "
+        "several keys (each is its own tenant); default: $LEYLINE_API_KEY, else no "
+        "authentication",
+    )
+    sec.add_argument(
+        "--cache-block-tokens",
+        type=int,
+        default=_DEFAULTS.cache_block_tokens,
+        help="prefix reuse (and cached_tokens) in whole blocks of this many tokens; 1 = per "
+        "token, which lets clients of one tenant probe each other's prompts",
+    )
+    sec.add_argument(
+        "--index-all-requests",
+        choices=["on", "off"],
+        default="on" if _DEFAULTS.index_all_requests else "off",
+        help="let requests that did not opt in to approximate reuse donate their content to "
+        "content reuse (within their tenant)",
+    )
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-sessions", type=int, default=_DEFAULTS.max_sessions)
+    lim.add_argument(
+        "--max-sessions-per-tenant",
+        type=int,
+        default=_DEFAULTS.max_sessions_per_tenant,
+        help="default: --max-sessions",
+    )
+    lim.add_argument(
+        "--max-session-ttl",
+        type=float,
+        default=_DEFAULTS.max_session_ttl_s,
+        help="the longest TTL a client may ask for (seconds)",
+    )
+    lim.add_argument(
+        "--max-queue",
+        type=int,
+        default=_DEFAULTS.max_queue,
+        help="requests waiting for the engine (503 past it)",
+    )
+    lim.add_argument(
+        "--max-running",
+        type=int,
+        default=_DEFAULTS.max_running,
+        help="requests decoding together (their decode steps interleave)",
+    )
+    lim.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=_DEFAULTS.max_request_bytes,
+        help="larger bodies are refused (413) before they are read",
+    )
+    lim.add_argument(
+        "--max-tokens-default",
+        type=int,
+        default=_DEFAULTS.max_tokens_default,
+        help="max_tokens of a request that sets none (capped to what fits the context)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    keys = args.api_keys
+    if keys is None:
+        env_key = Environment.read().serve_api_key
+        keys = [env_key] if env_key else []
     return dataclasses.replace(
         _DEFAULTS,
         model=args.model,
@@ -62,6 +129,16 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         content_reuse=args.content_reuse == "on",
         session_ttl_s=args.session_ttl,
         seed=args.seed,
+        api_keys=tuple(keys),
+        cache_block_tokens=args.cache_block_tokens,
+        index_all_requests=args.index_all_requests == "on",
+        max_sessions=args.max_sessions,
+        max_sessions_per_tenant=args.max_sessions_per_tenant,
+        max_session_ttl_s=args.max_session_ttl,
+        max_queue=args.max_queue,
+        max_running=args.max_running,
+        max_request_bytes=args.max_request_bytes,
+        max_tokens_default=args.max_tokens_default,
     )
 
 
@@ -79,12 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     engine, app = build_server(cfg)
     logging.getLogger("leyline.serve").info(
-        "serving %s on http://%s:%d/v1 (kv %d tokens, %s)",
+        "serving %s on http://%s:%d/v1 (kv %d tokens, %s, %s)",
         cfg.model,
         cfg.host,
         cfg.port,
         cfg.kv_tokens,
         engine.rope_note or "splicing on",
+        f"{len(cfg.api_keys)} API key(s)" if cfg.api_keys else "no authentication",
     )
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level)

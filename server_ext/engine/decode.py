@@ -1,14 +1,17 @@
 """Phase 4 of a request: sample tokens until a stop, streaming text as it becomes final.
 
-Each fed-back token's KV goes to a fresh slot (``alloc``); the request's ``slots`` grow with
-them, so the commit phase caches prompt and output together. Stop strings end the text where
+Each fed-back token's KV goes to a fresh slot (``alloc``: the engine reserved them up front);
+the request's ``slots`` grow with them, so the commit phase caches prompt and output together.
+:func:`decode` is a generator that yields after every sampled token, so the engine can
+interleave the steps of several requests; it stops early when ``work.cancelled`` is set (the
+client went away: nobody is listening). Stop strings end the text where
 they start; characters that could begin a stop string are held back from the stream.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,8 +26,9 @@ __all__ = ["decode"]
 
 def decode(
     loaded: LoadedModel, req: Request, alloc: Callable[[int], np.ndarray], default_seed: int
-) -> None:
-    """Fill ``req.generated``, ``text``, ``finish_reason``, ``ttft_at``; extend ``slots``."""
+) -> Iterator[None]:
+    """Fill ``req.generated``, ``text``, ``finish_reason``, ``ttft_at``; extend ``slots``.
+    Yields once per sampled token; the request is complete when the generator is exhausted."""
     work, sp = req.work, req.work.sampling
     assert req.logits is not None and req.generation is not None, "materialize runs first"
     n = len(req.ids)
@@ -40,6 +44,8 @@ def decode(
         token = sample_next(logits, sp.temperature, sp.top_p, gen)
         if step == 0:
             req.ttft_at = time.perf_counter()
+            if work.on_start is not None:
+                work.on_start()
         if token in loaded.eos_ids:
             req.finish_reason = "stop"
             break
@@ -60,6 +66,10 @@ def decode(
                 req.finish_reason = "cancelled"
             break
         if step == max_new - 1:
+            break
+        yield  # another request may step here
+        if work.cancelled.is_set():
+            req.finish_reason = "cancelled"
             break
         # feed the sampled token: its KV goes to a fresh slot
         new_slot = alloc(1)

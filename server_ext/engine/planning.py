@@ -32,7 +32,7 @@ def token_directives(tree: RadixTree, req: Request) -> None:
             req.notes.append("directives ignored: the session has no cached base on this server")
             req.outcomes = ignored_all(len(payload.directives), "no cached base")
         return
-    base_match = tree.match_prefix(state.tokens, session=state.id)
+    base_match = tree.match_prefix(state.tokens, session=state.key, tenant=state.tenant)
     cached = CachedSequence(tokens=state.tokens[: base_match.length], slots=base_match.slots)
     req.base = (cached, base_match.node)
     if payload.mode is not None:

@@ -1,8 +1,10 @@
 """Radix prefix tree over token ids: the embedded engine's exact and approximate KV cache.
 
 Each edge holds a run of token ids (np.int64) and the KV slots of those tokens. A node's
-children are keyed by ``(first token, owner)``: ``owner`` is ``None`` for exact KV and a
-session id for approximate KV (spliced or chunk-reused, or computed after such KV). So the
+children are keyed by ``(first token, tenant, owner)``. ``tenant`` (docs/security.md) splits
+the tree into one namespace per tenant below the root: a match never leaves the caller's
+tenant, so nothing one tenant computed is reused by another. ``owner`` is ``None`` for exact
+KV and a session key for approximate KV (spliced or chunk-reused, or computed after such KV). So the
 same tokens can be cached twice under one parent, once exact and once per session, and
 approximate nodes never merge with exact ones. Everything below an approximate node is
 approximate with the same owner. :meth:`RadixTree.match_prefix` only walks into approximate
@@ -35,7 +37,8 @@ class Node:
     """One edge of the tree: ``tokens[i]`` is cached in ``slots[i]``.
 
     ``depth`` is the number of tokens from the root to the end of this node. ``owner`` is
-    ``None`` for exact KV, else the id of the session whose approximate KV this is.
+    ``None`` for exact KV, else the key of the session whose approximate KV this is;
+    ``tenant`` is the namespace the whole path belongs to.
     ``detached`` is set once the node is evicted or dropped (it may no longer be locked).
     """
 
@@ -44,7 +47,8 @@ class Node:
     slots: np.ndarray
     owner: str | None
     depth: int
-    children: dict[tuple[int, str | None], Node] = field(default_factory=dict)
+    tenant: str = ""
+    children: dict[tuple[int, str, str | None], Node] = field(default_factory=dict)
     lock_ref: int = 0
     last_access: int = 0
     detached: bool = False
@@ -54,8 +58,8 @@ class Node:
         return self.owner is not None
 
     @property
-    def key(self) -> tuple[int, str | None]:
-        return (int(self.tokens[0]), self.owner)
+    def key(self) -> tuple[int, str, str | None]:
+        return (int(self.tokens[0]), self.tenant, self.owner)
 
     def __repr__(self) -> str:
         kind = f"approx[{self.owner}]" if self.owner is not None else "exact"
@@ -126,8 +130,10 @@ class RadixTree:
         return np.flatnonzero(self._held).astype(np.int64)
 
     # ------------------------------------------------------------------ match
-    def match_prefix(self, tokens: np.ndarray, *, session: str | None = None) -> Match:
-        """Longest cached prefix of ``tokens`` visible to ``session``.
+    def match_prefix(
+        self, tokens: np.ndarray, *, session: str | None = None, tenant: str = ""
+    ) -> Match:
+        """Longest cached prefix of ``tokens`` visible to ``session`` in ``tenant``'s namespace.
 
         Exact nodes are visible to everyone; approximate nodes only to their owner session
         (``session=None`` sees exact KV only). On a tie the match with more exact tokens wins.
@@ -136,7 +142,7 @@ class RadixTree:
         """
         toks = _as_ids(tokens, "tokens")
         n = len(toks)
-        epath, length = self._trace(self.root, toks, 0, n, None)
+        epath, length = self._trace(self.root, toks, 0, n, None, tenant)
         path, exact_len = epath, length
         if session is not None:
             # An approximate branch may hang off the root or any fully matched exact node.
@@ -144,7 +150,7 @@ class RadixTree:
                 if i and epath[i - 1][1] < len(epath[i - 1][0].tokens):
                     break  # the exact match ends inside this edge: no children there
                 base = epath[i - 1][0] if i else self.root
-                apath, apos = self._trace(base, toks, base.depth, n, session)
+                apath, apos = self._trace(base, toks, base.depth, n, session, tenant)
                 if (apos, base.depth) > (length, exact_len):
                     path, length, exact_len = epath[:i] + apath, apos, base.depth
         slots = np.concatenate([nd.slots[:k] for nd, k in path]) if path else _EMPTY.copy()
@@ -156,12 +162,12 @@ class RadixTree:
         return Match(length=length, slots=slots, node=end, exact_length=exact_len)
 
     def _trace(
-        self, node: Node, toks: np.ndarray, pos: int, end: int, owner: str | None
+        self, node: Node, toks: np.ndarray, pos: int, end: int, owner: str | None, tenant: str
     ) -> tuple[_Path, int]:
         """Follow children owned by ``owner`` from ``node`` over ``toks[pos:end]``; no mutation."""
         path: _Path = []
         while pos < end:
-            child = node.children.get((int(toks[pos]), owner))
+            child = node.children.get((int(toks[pos]), tenant, owner))
             if child is None:
                 break
             k = _common_len(child.tokens, toks[pos:end])
@@ -180,10 +186,12 @@ class RadixTree:
         *,
         approx_from: int | None = None,
         session: str | None = None,
+        tenant: str = "",
     ) -> Node:
         """Cache ``tokens`` whose KV sits in ``slots``; returns the node ending at ``len(tokens)``.
 
-        Positions ``>= approx_from`` are approximate and owned by ``session`` (required then).
+        Positions ``>= approx_from`` are approximate and owned by ``session`` (required then);
+        everything goes into ``tenant``'s namespace.
         Ownership: after ``insert`` the tree owns *all* slots of the sequence. Where a part is
         already cached (exact part in exact nodes, approximate part in ``session``'s nodes), the
         tree keeps its own slots and **frees the caller's differing slots** (passing the tree's
@@ -201,12 +209,12 @@ class RadixTree:
             raise ValueError(f"approx_from must lie in [0, {n}], got {approx_from}")
         if a < n and session is None:
             raise ValueError("approximate KV (approx_from < len(tokens)) needs an owner session")
-        self._check_insert_slots(toks, sl, a, session)
+        self._check_insert_slots(toks, sl, a, session, tenant)
 
         freed: list[np.ndarray] = []
-        node = self._insert_run(self.root, toks, sl, 0, a, None, freed)
+        node = self._insert_run(self.root, toks, sl, 0, a, None, tenant, freed)
         if a < n:
-            node = self._insert_run(node, toks, sl, a, n, session, freed)
+            node = self._insert_run(node, toks, sl, a, n, session, tenant, freed)
         self._touch(node)
         dups = np.concatenate(freed) if freed else _EMPTY
         if dups.size:
@@ -214,7 +222,7 @@ class RadixTree:
         return node
 
     def _check_insert_slots(
-        self, toks: np.ndarray, sl: np.ndarray, a: int, session: str | None
+        self, toks: np.ndarray, sl: np.ndarray, a: int, session: str | None, tenant: str
     ) -> None:
         if sl.size == 0:
             return
@@ -226,11 +234,11 @@ class RadixTree:
             raise ValueError("insert got slots that are not allocated in the store")
         # Where the sequence is already cached the tree's slot wins; any other caller slot the
         # tree already holds would end up owned twice (and freed under a live node).
-        epath, epos = self._trace(self.root, toks, 0, a, None)
+        epath, epos = self._trace(self.root, toks, 0, a, None, tenant)
         tree = [nd.slots[:k] for nd, k in epath]
         if epos == a and a < len(toks) and (not epath or epath[-1][1] == len(epath[-1][0].tokens)):
             start = epath[-1][0] if epath else self.root
-            apath, _ = self._trace(start, toks, a, len(toks), session)
+            apath, _ = self._trace(start, toks, a, len(toks), session, tenant)
             tree += [nd.slots[:k] for nd, k in apath]
         cached = np.concatenate(tree) if tree else _EMPTY
         own = np.ones(len(sl), dtype=bool)
@@ -253,13 +261,14 @@ class RadixTree:
         pos: int,
         end: int,
         owner: str | None,
+        tenant: str,
         freed: list[np.ndarray],
     ) -> Node:
         while pos < end:
-            child = node.children.get((int(toks[pos]), owner))
+            child = node.children.get((int(toks[pos]), tenant, owner))
             if child is None:
                 depth = node.depth + end - pos
-                leaf = Node(node, toks[pos:end].copy(), sl[pos:end].copy(), owner, depth)
+                leaf = Node(node, toks[pos:end].copy(), sl[pos:end].copy(), owner, depth, tenant)
                 node.children[leaf.key] = leaf
                 self._held[leaf.slots] = True
                 self._evictable += end - pos
@@ -282,7 +291,12 @@ class RadixTree:
         parent = node.parent
         assert parent is not None
         upper = Node(
-            parent, node.tokens[:k], node.slots[:k], node.owner, node.depth - len(node.tokens) + k
+            parent,
+            node.tokens[:k],
+            node.slots[:k],
+            node.owner,
+            node.depth - len(node.tokens) + k,
+            node.tenant,
         )
         upper.lock_ref = node.lock_ref
         upper.last_access = node.last_access

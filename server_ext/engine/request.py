@@ -21,6 +21,7 @@ from leyline.server.engine.radix import Match, Node
 from leyline.server.engine.sessions import SessionState
 
 __all__ = [
+    "Cancelled",
     "ContextTooLong",
     "EngineError",
     "Finished",
@@ -48,7 +49,13 @@ class SamplingParams:
 
 @dataclass
 class Work:
-    """One request, already tokenized and validated by the HTTP layer."""
+    """One request, already tokenized and validated by the HTTP layer.
+
+    ``tenant`` is its cache and session namespace (docs/security.md); ``opted_in``: the request
+    itself asked for approximate reuse (a payload with ``approximate`` and ``content_reuse``),
+    so its content may be indexed for the tenant's content reuse. ``on_start`` is called when
+    the first token is sampled, ``on_text`` with each piece of final text; ``cancelled`` stops
+    the request (nothing of it is kept)."""
 
     ids: np.ndarray
     sampling: SamplingParams
@@ -56,6 +63,9 @@ class Work:
     segment_hashes: tuple[str, ...] = ()
     aligned: bool = False
     leyline: Payload | None = None
+    tenant: str = ""
+    opted_in: bool = False
+    on_start: Callable[[], None] | None = None
     on_text: Callable[[str], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: Future[Finished] = field(default_factory=Future)
@@ -102,6 +112,7 @@ class Request:
     notes: list[str] = field(default_factory=list)
     marks: dict[str, float] = field(default_factory=dict)  # phase end times (perf_counter)
     held: Held = field(default_factory=Held)
+    opened_session: bool = False  # this request opened its session (a failure closes it)
     # plan
     directives: list[TokenDirective] = field(default_factory=list)
     outcomes: tuple[DirectiveOutcome, ...] = ()
@@ -109,6 +120,7 @@ class Request:
     match: Match | None = None
     plan: Plan | None = None
     fresh: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    reserved: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # for decode
     # materialize
     slots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     logits: torch.Tensor | None = None
@@ -151,6 +163,12 @@ class StaleBaseVersion(EngineError):
 
 class ContextTooLong(EngineError):
     code = "context_length_exceeded"
+
+
+class Cancelled(EngineError):
+    """The client went away (disconnect, timeout): the request was dropped, nothing kept."""
+
+    status, code = 499, "cancelled"
 
 
 class Overloaded(EngineError):

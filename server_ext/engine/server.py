@@ -54,6 +54,11 @@ def build_engine(cfg: EngineConfig) -> Engine:
         max_queue=cfg.max_queue,
         seed=cfg.seed,
         rope_note=note,
+        max_session_ttl_s=cfg.max_session_ttl_s,
+        max_sessions_per_tenant=cfg.max_sessions_per_tenant,
+        max_running=cfg.max_running,
+        cache_block_tokens=cfg.cache_block_tokens,
+        index_all_requests=cfg.index_all_requests,
     )
 
 
@@ -63,12 +68,7 @@ def build_server(cfg: EngineConfig) -> tuple[Engine, FastAPI]:
 
     engine = build_engine(cfg)
     engine.start()
-    app = create_app(
-        engine,
-        model_name=cfg.model,
-        max_request_bytes=cfg.max_request_bytes,
-        max_tokens_default=cfg.max_tokens_default,
-    )
+    app = create_app(engine, cfg)
     return engine, app
 
 

@@ -4,6 +4,11 @@ A session pins (locks) the radix node that ends its last served sequence, so the
 follow-up request extends or edits cannot be evicted while the session is live. Closing or
 expiring a session unlocks that node and frees the session's approximate KV (spliced or
 chunk-reused nodes that only this session can match).
+
+Sessions live in their tenant's namespace (docs/security.md): the same id names unrelated
+sessions in two tenants, and one tenant can neither see nor touch another's. ``SessionState.key``
+(the id, prefixed by the tenant when there is one) is the table's key and the owner of the
+session's approximate nodes in the radix tree.
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ import numpy as np
 
 from leyline.server.engine.radix import Node, RadixTree
 
-__all__ = ["SessionState", "SessionTable", "UnknownSession"]
+__all__ = ["SessionState", "SessionTable", "UnknownSession", "session_key"]
+
+
+def session_key(session_id: str, tenant: str = "") -> str:
+    """The table key of ``session_id`` in ``tenant`` (session ids cannot contain ``/``)."""
+    return f"{tenant}/{session_id}" if tenant else session_id
 
 
 class UnknownSession(KeyError):
@@ -50,39 +60,60 @@ class SessionState:
     expires_at: float = 0.0
     busy: bool = False
     ttl_s: float = 600.0
+    tenant: str = ""
+
+    @property
+    def key(self) -> str:
+        return session_key(self.id, self.tenant)
 
 
 class SessionTable:
-    """Open sessions by id, each with a time-to-live refreshed on open and update."""
+    """Open sessions by (tenant, id), each with a time-to-live refreshed on open and update
+    (at most ``max_ttl_s``). Methods take the session id and its ``tenant``."""
 
     def __init__(
-        self, tree: RadixTree, *, ttl_s: float = 600.0, clock: Callable[[], float] = time.monotonic
+        self,
+        tree: RadixTree,
+        *,
+        ttl_s: float = 600.0,
+        max_ttl_s: float = float("inf"),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         _check_ttl(ttl_s)
+        if not max_ttl_s >= ttl_s:
+            raise ValueError(f"max_ttl_s ({max_ttl_s}) must be >= ttl_s ({ttl_s})")
         self.tree = tree
         self.ttl_s = float(ttl_s)
+        self.max_ttl_s = float(max_ttl_s)
         self._clock = clock
         self._sessions: dict[str, SessionState] = {}
 
-    def open(self, session_id: str, ttl_s: float | None = None) -> SessionState:
+    def open(
+        self, session_id: str, ttl_s: float | None = None, *, tenant: str = ""
+    ) -> SessionState:
         """Open ``session_id`` or, if already open, keep its state and refresh its TTL
         (``ttl_s`` given on a reopen replaces the session's TTL)."""
-        if not isinstance(session_id, str) or not session_id:
-            raise ValueError(f"session id must be a non-empty string, got {session_id!r}")
+        if not isinstance(session_id, str) or not session_id or "/" in session_id:
+            raise ValueError(
+                f"session id must be a non-empty string without '/', got {session_id!r}"
+            )
         if ttl_s is not None:
             _check_ttl(ttl_s)
-        state = self._sessions.get(session_id)
+            if ttl_s > self.max_ttl_s:
+                raise ValueError(f"ttl_s must be at most {self.max_ttl_s} seconds, got {ttl_s}")
+        key = session_key(session_id, tenant)
+        state = self._sessions.get(key)
         if state is None:
-            state = SessionState(id=session_id, ttl_s=self.ttl_s)
-            self._sessions[session_id] = state
+            state = SessionState(id=session_id, ttl_s=self.ttl_s, tenant=tenant)
+            self._sessions[key] = state
         if ttl_s is not None:
             state.ttl_s = float(ttl_s)
         state.expires_at = self._clock() + state.ttl_s
         return state
 
-    def get(self, session_id: str) -> SessionState:
+    def get(self, session_id: str, tenant: str = "") -> SessionState:
         """The open session's state; raises :class:`UnknownSession`."""
-        state = self._sessions.get(session_id)
+        state = self._sessions.get(session_key(session_id, tenant))
         if state is None:
             raise UnknownSession(session_id)
         return state
@@ -97,13 +128,14 @@ class SessionTable:
         spans: tuple[tuple[int, int], ...] | list[tuple[int, int]],
         hashes: tuple[str, ...] | list[str],
         prompt_len: int | None = None,
+        tenant: str = "",
     ) -> SessionState:
         """Record a served request: the new version, sequence and segments; lock ``node``
         (which must end a prefix of ``tokens``) and unlock the previous one; refresh the TTL.
 
         ``version`` must exceed the current one. On any error nothing changes.
         """
-        state = self.get(session_id)
+        state = self.get(session_id, tenant)
         toks = np.asarray(tokens)
         if toks.ndim != 1 or (toks.size and not np.issubdtype(toks.dtype, np.integer)):
             raise ValueError("tokens must be a 1-D integer array")
@@ -143,28 +175,33 @@ class SessionTable:
         state.expires_at = self._clock() + state.ttl_s
         return state
 
-    def close(self, session_id: str) -> int:
+    def close(self, session_id: str, tenant: str = "") -> int:
         """Forget the session: unlock its node and free its unlocked approximate KV.
 
         Returns the approximate tokens freed; raises :class:`UnknownSession`.
         """
-        state = self.get(session_id)
-        del self._sessions[session_id]
+        state = self.get(session_id, tenant)
+        del self._sessions[state.key]
         if state.node is not None:
             self.tree.unlock(state.node)
             state.node = None
-        return self.tree.drop_session(session_id)
+        return self.tree.drop_session(state.key)
 
     def expire(self, now: float | None = None) -> list[str]:
         """Close every session whose TTL ran out (busy sessions wait); returns their ids."""
         now = self._clock() if now is None else now
-        gone = [s.id for s in self._sessions.values() if s.expires_at <= now and not s.busy]
-        for session_id in gone:
-            self.close(session_id)
+        gone = [s.key for s in self._sessions.values() if s.expires_at <= now and not s.busy]
+        for key in gone:
+            self.close(key)
         return gone
 
     def ids(self) -> list[str]:
+        """The keys of the open sessions (``get(key)`` finds each)."""
         return list(self._sessions)
+
+    def count(self, tenant: str) -> int:
+        """Open sessions of ``tenant``."""
+        return sum(1 for s in list(self._sessions.values()) if s.tenant == tenant)
 
     def __contains__(self, session_id: object) -> bool:
         return session_id in self._sessions
@@ -174,5 +211,5 @@ class SessionTable:
 
 
 def _check_ttl(ttl_s: float) -> None:
-    if not ttl_s > 0:
+    if not 0 < ttl_s < float("inf"):
         raise ValueError(f"ttl_s must be > 0 seconds, got {ttl_s}")
