@@ -148,14 +148,20 @@ def isolate_http_hooks(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def make_req(rid: str, tokens: list[int], payload: dict[str, Any] | None = None,
-             extra_key: str | None = None) -> Any:  # fmt: skip
-    """A real scheduler-side `Req`; ``payload`` travels as SGLang's flat custom_params."""
+             extra_key: str | None = None, salt: str | None = None) -> Any:  # fmt: skip
+    """A real scheduler-side `Req`; ``payload`` travels as SGLang's flat custom_params.
+    ``salt``: the tenant's ``cache_salt``, where each version carries it (0.5.16's OpenAI layer
+    folds it into the extra key; 0.5.23 keeps it in ``Req.cache_salt``)."""
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.sampling.sampling_params import SamplingParams
 
     custom = None if payload is None else {"leyline": json.dumps(payload)}
     sp = SamplingParams(max_new_tokens=4, custom_params=custom)
-    return Req(rid, "", array("q", tokens), sp, extra_key=extra_key)
+    if salt is None:
+        return Req(rid, "", array("q", tokens), sp, extra_key=extra_key)
+    if _compat().CHECKPOINTS:
+        return Req(rid, "", array("q", tokens), sp, extra_key=extra_key, cache_salt=salt)
+    return Req(rid, "", array("q", tokens), sp, extra_key=salt + (extra_key or ""))
 
 
 def _compat() -> Any:

@@ -24,8 +24,8 @@ equal to a fresh prefill. On the first ``match_prefix`` of a request that opts i
 
 After SGLang cached a prefilled window (0.5.16 ``cache_unfinished_req``, 0.5.23
 ``checkpoint``; see :mod:`leyline.server.sglang.compat`), the cache plans again from the
-window's end (steps 1 and 4) and appends the copy run to the request's prefix. Per-request state and the
-accounting live in :mod:`leyline.server.sglang.request_state`.
+window's end (steps 1 and 4) and appends the copy run to the request's prefix. Per-request
+state and the accounting live in :mod:`leyline.server.sglang.request_state`.
 """
 
 from __future__ import annotations
@@ -214,8 +214,8 @@ class LeylineRadixCache(compat.Lifecycle, RadixCache):
         super()._delete_leaf(node)
 
     def _split_node(self, key: RadixKey, child: TreeNode, split_len: int) -> TreeNode:
-        # NOTE: SGLang 0.5.16's _split_node moves the first split_len tokens of ``child`` into a
-        # new parent node; both halves of a seeded node are exact (see `_exact_len`).
+        # NOTE: SGLang's _split_node (0.5.16, 0.5.23) moves the first split_len tokens of
+        # ``child`` into a new parent node; both halves of a seeded node are exact.
         # tests/server/sglang/test_sgl_windows.py fails if the split stops passing through here.
         new_node = super()._split_node(key, child, split_len)
         if getattr(child, _SEEDED_ATTR, False):

@@ -1,5 +1,6 @@
-"""Directive splices inside SGLang's real (0.5.16 and 0.5.23) MHA and MLA pools, checked against SGLang's own
-rotary embedding at the new positions; memory invariant, idempotency, isolation, failures."""
+"""Directive splices inside SGLang's real MHA and MLA pools (0.5.16 and 0.5.23), checked
+against SGLang's own rotary embedding at the new positions; memory invariant, idempotency,
+isolation, failures."""
 
 from __future__ import annotations
 

@@ -6,11 +6,11 @@ Each request goes through what the scheduler does with it: ``Req.init_next_round
 round) with the plugin's hooks applied through SGLang's ``HookRegistry``, a forward step that
 allocates the round's slots and writes their KV, SGLang's chunk caching between rounds
 (0.5.16 ``cache_unfinished_req``, 0.5.23 ``checkpoint_kv_cache``) and the release at the end
-(finished, or an abort's; `_sglang_support` holds the steps of each version). The forward is the only fake: a
-context-free model whose KV depends on (token id, position) only, written after SGLang's own
-rotary embedding. In such a model a fresh prefill gives ``key_at(token[p], p)`` at every
-position, so the final KV of every position is checked against that, and the rounds show what
-was actually prefilled.
+(finished, or an abort's; `_sglang_support` holds the steps of each version). The forward is
+the only fake: a context-free model whose KV depends on (token id, position) only, written
+after SGLang's own rotary embedding. In such a model a fresh prefill gives
+``key_at(token[p], p)`` at every position, so the final KV of every position is checked
+against that, and the rounds show what was actually prefilled.
 """
 
 from __future__ import annotations
@@ -512,6 +512,30 @@ def test_forget_uses_no_chunk_from_the_content_index(mode, session) -> None:
         assert t["exact"] == len(SYS) and info["exact_kv"] is True
         assert w.prefilled == len(new) - len(SYS) == t["recomputed"]
     w.assert_fresh_prefill_kv(new, tol=1e-3)  # rotated copies up to ~1,600 rad
+    w.assert_no_leak()
+
+
+@pytest.mark.parametrize("tenant", ["alice", "bob"])
+def test_tenants_are_walls_for_chunk_reuse_and_matching(tenant) -> None:
+    """Content cached for one tenant (``cache_salt``) is neither matched nor copied from the
+    content index for another: the same request from the same tenant reuses it."""
+    w = World()
+    donor = _toks(12, 1200)
+    w.serve(make_req("donor", donor, None, salt="alice"))  # indexed for alice
+    new = _toks(13, 40) + donor + TURN
+    payload = {"session": "t", "version": 1, "base_version": None}
+    req = make_req("r", new, payload, salt=tenant)
+    w.prefilled = 0
+    w.serve(req)
+    t = _info(req)["tokens"]
+    if tenant == "alice":
+        assert t["chunk_reused"] > len(donor) // 2 and w.prefilled < len(new) - len(donor) // 2
+    else:
+        assert t["chunk_reused"] == t["exact"] == t["inherited"] == 0
+        assert w.prefilled == len(new) == t["recomputed"]
+    plain = make_req("p", donor + TURN, None, salt=tenant)
+    plain.init_next_round_input(w.cache)
+    assert len(prefix_slots(w.cache, plain)) == (len(donor) if tenant == "alice" else 0)
     w.assert_no_leak()
 
 
