@@ -5,6 +5,7 @@ Examples::
     leyline eval replay --model tiny-llama --device cpu --scale 0.05 --concurrency 1,4
     leyline eval replay --endpoint http://127.0.0.1:8000/v1 --model smollm2 --scale 0.1
     leyline eval consistency --model smollm2 --cases 8 --k 32
+    leyline eval consistency --model smollm2 --scale 0.1 --windows 0,16,32,64,128,256,full
     leyline eval debug-gym --policy keep_all --policy truncate --llm scripted
 """
 
@@ -40,6 +41,22 @@ def _ints(text: str) -> tuple[int, ...]:
         ) from exc
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _windows(text: str) -> tuple[int, ...]:
+    from leyline.evals.frontier import FULL
+
+    try:
+        values = tuple(
+            FULL if x.strip() == "full" else int(x) for x in text.split(",") if x.strip()
+        )
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated token counts or 'full', got {text!r}"
+        ) from exc
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected windows >= 0, got {text!r}")
     return values
 
 
@@ -183,6 +200,19 @@ def parser() -> argparse.ArgumentParser:
         help="content reuse in the AMORTIZE session",
     )
     c.add_argument("--kv-tokens", type=int, default=None)
+    c.add_argument(
+        "--windows",
+        type=_windows,
+        default=_C.windows,
+        help="REPAIR windows to sweep, e.g. 0,16,32,64,128,256,full: agreement with FORGET "
+        "against recompute cost (0 = AMORTIZE, always included)",
+    )
+    c.add_argument(
+        "--answers",
+        type=int,
+        default=_C.answers,
+        help="add this many cases with a checkable answer (with --windows; at most 4)",
+    )
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--out", type=Path, default=None)
 
@@ -266,6 +296,8 @@ def _consistency_config(args: argparse.Namespace) -> ConsistencyConfig:
         content_reuse=args.content_reuse == "on",
         kv_tokens=args.kv_tokens,
         progress=not args.no_progress,
+        windows=args.windows,
+        answers=args.answers,
     )
 
 
@@ -287,6 +319,12 @@ def _run(
 
             result = merge_results(result, merge_with)
         paths = report.write_replay_report(out, result, command=_command(argv))
+    elif cfg.windows:
+        from leyline.evals.consistency import edit_cases
+        from leyline.evals.frontier import run_sweep, write_sweep_report
+
+        result = run_sweep(cfg, edit_cases(cfg))
+        paths = write_sweep_report(out, result, command=_command(argv))
     else:
         from leyline.evals.consistency import run_consistency
 

@@ -23,6 +23,10 @@ Edit cases come from the replay workload (request ``t-1`` -> ``t``, turns 2..) a
 from a trajectories JSON file: a list (or ``{"trajectories": [...]}``) of trajectories, each a
 list of requests' message lists (or ``{"requests": [...]}``); consecutive requests where the
 later one does not extend the earlier one become cases, with FORGET on the changed messages.
+
+With ``windows`` (``--windows 0,16,...,full``) the run is the REPAIR sweep instead
+(:mod:`leyline.evals.frontier`): agreement with FORGET per recompute window, plus ``answers``
+cases whose answer is checkable.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ __all__ = [
     "ConsistencyConfig",
     "ConsistencyResult",
     "EditCase",
+    "edit_cases",
     "load_trajectory_cases",
     "run_consistency",
     "workload_cases",
@@ -68,10 +73,20 @@ class ConsistencyConfig:
     content_reuse: bool = True
     kv_tokens: int | None = None
     progress: bool = True
+    windows: tuple[int, ...] = ()  # REPAIR windows to sweep (frontier); 0 (AMORTIZE) is added
+    answers: int = 0  # answer cases (frontier only)
 
     def __post_init__(self) -> None:
+        from leyline.directives import MAX_WINDOW
+
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        if any(isinstance(w, bool) or not 0 <= w <= MAX_WINDOW for w in self.windows):
+            raise ValueError(f"windows must be 0..{MAX_WINDOW} tokens, got {self.windows}")
+        if self.windows:
+            object.__setattr__(self, "windows", tuple(sorted({0, *self.windows})))
+        if self.answers < 0 or (self.answers and not self.windows):
+            raise ValueError("answers (>= 0) are answer cases of the windows sweep")
         if self.cases < 1:
             raise ValueError(f"cases must be >= 1, got {self.cases}")
         if self.kv_tokens is not None and self.kv_tokens < 64:
@@ -93,6 +108,7 @@ class EditCase:
     after: tuple[dict[str, Any], ...]
     forget: tuple[int, ...]
     edit: str | None = None
+    answer: str | None = None  # the expected answer (answer cases)
 
 
 @dataclass
@@ -213,6 +229,14 @@ def _session_cache(engine: Any, session_id: str) -> tuple[Any, Any]:
     return ids, engine.tree.path_slots(state.node)
 
 
+def _scratch(engine: Any, n: int) -> Any:
+    """``n`` free slots for fed tokens (evicting unlocked cached KV if the pool is full); call
+    under ``engine.lock`` and free them with ``engine.store.free``."""
+    if engine.store.num_free < n:
+        engine.tree.evict(n - engine.store.num_free)
+    return engine.store.alloc(n)
+
+
 def _session_prompt(engine: Any, session_id: str) -> Any:
     with engine.lock:
         return _session_cache(engine, session_id)[0]
@@ -231,7 +255,7 @@ def _session_logits(engine: Any, session_id: str, greedy: Any) -> tuple[Any, Any
         ids, slots = _session_cache(engine, session_id)
         n = len(ids)
         # scratch slots for the k fed tokens; freed below, so the cache is left as it was
-        scratch = engine.store.alloc(k)
+        scratch = _scratch(engine, k)
         try:
             gen = Generation(
                 engine.loaded,
@@ -305,15 +329,25 @@ def _summary(cases: Sequence[CaseRecord], variant: str, k: int) -> dict[str, Any
     }
 
 
+def edit_cases(cfg: ConsistencyConfig) -> list[EditCase]:
+    """The run's cases: workload, then trajectories, then answer cases."""
+    cases = workload_cases(cfg.workload, cfg.cases)
+    if cfg.trajectories:
+        cases += load_trajectory_cases(cfg.trajectories, cfg.cases)
+    if cfg.answers:
+        from leyline.evals.frontier import answer_cases
+
+        cases += answer_cases(cfg.answers)
+    if not cases:
+        raise ValueError("no edit cases: the workload needs turns >= 2 (or give trajectories)")
+    return cases
+
+
 def run_consistency(cfg: ConsistencyConfig) -> ConsistencyResult:
     """Measure every case (see the module docstring)."""
     from leyline.evals._server import local_server
 
-    cases = workload_cases(cfg.workload, cfg.cases)
-    if cfg.trajectories:
-        cases += load_trajectory_cases(cfg.trajectories, cfg.cases)
-    if not cases:
-        raise ValueError("no edit cases: the workload needs turns >= 2 (or give trajectories)")
+    cases = edit_cases(cfg)
     records: list[CaseRecord] = []
     kv = cfg.kv_tokens or _kv_tokens(cases)
     with local_server(model=cfg.model, device=cfg.device, dtype=cfg.dtype, kv_tokens=kv) as srv:

@@ -9,6 +9,7 @@ import pytest
 
 from leyline.evals.cli import main
 from leyline.evals.consistency import ConsistencyConfig, load_trajectory_cases, workload_cases
+from leyline.evals.frontier import answer_cases
 from leyline.evals.workload import WorkloadConfig
 
 
@@ -92,3 +93,47 @@ def test_consistency_run_writes_report(tmp_path: Path) -> None:
     for name in ("kl_hist.png", "first_divergence.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "| forget | 3 | 100.0% |" in (out / "summary.md").read_text()
+
+
+def test_windows_config_and_answer_cases() -> None:
+    cfg = ConsistencyConfig(windows=(64, 16, 16))
+    assert cfg.windows == (0, 16, 64)  # AMORTIZE (0) is the baseline of every sweep
+    with pytest.raises(ValueError, match="windows"):
+        ConsistencyConfig(windows=(-1,))
+    with pytest.raises(ValueError, match="answer cases"):
+        ConsistencyConfig(answers=2)
+    with pytest.raises(SystemExit):
+        main(["consistency", "--windows", "16,lots"])
+    cases = answer_cases(4)
+    assert len({c.answer for c in cases}) == 4
+    for c in cases:
+        question = c.after[-1]["content"]
+        fact_message = next(m for m in c.after if c.answer in str(m["content"]))
+        # the fact stays after the edit, the edit (a failed call) comes before it, and the
+        # question is the new turn
+        assert c.answer not in question and fact_message in c.before
+        assert len(c.before) > len(c.after) - 1 and "Error" not in str(c.after)
+
+
+def test_repair_sweep_writes_the_frontier(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    argv = ["consistency", "--model", "tiny-llama", "--device", "cpu", "--scale", "0.03",
+            "--conversations", "1", "--turns", "2", "--cases", "1", "--k", "4",
+            "--windows", "16,full", "--answers", "1", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    m = data["metrics"]["all"]
+    assert list(m) == ["0", "16", "full", "forget"] and data["metrics"]["answer"]["0"]["cases"] == 1
+    assert m["0"]["mean_window_tokens"] == 0 and 0 < m["16"]["mean_window_tokens"] <= 16
+    # a window over the whole suffix recomputes what AMORTIZE copies and is exact
+    assert m["full"]["mean_window_fraction"] == 1.0 and m["full"]["reply_agreement"] == 1.0
+    assert m["full"]["max_kl"] < 1e-6 < m["0"]["max_kl"]
+    for case in data["records"]:
+        assert case["forget_tokens"]["spliced"] == 0 and case["suffix_tokens"] > 0
+        for v in case["variants"]:
+            t = v["tokens"]
+            served = t["exact"] + t["spliced"] + t["chunk_reused"] + t["recomputed"]
+            assert served == case["prompt_tokens"]
+            assert len(v["kl"]) == 4 and (v["answer_correct"] is None) == (case["answer"] is None)
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| full (FORGET) |" in (out / "summary.md").read_text()
