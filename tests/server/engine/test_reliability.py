@@ -308,7 +308,7 @@ def test_short_request_is_not_starved_and_control_endpoints_answer(
     """Decode steps interleave: a 2-token request finishes while a long one decodes, and
     /metrics, stats and session reads answer meanwhile (no engine lock held across it)."""
     events: list[str] = []
-    started = threading.Event()
+    started, short_done = threading.Event(), threading.Event()
 
     def long() -> None:
         body = _chat(max_tokens=1500, temperature=1.0, seed=3, stream=True)
@@ -316,24 +316,32 @@ def test_short_request_is_not_starved_and_control_endpoints_answer(
             for line in r.iter_lines():
                 started.set()
                 if line == "data: [DONE]":
-                    break
-        events.append("long")
+                    events.append("long")
+                    return
+                if short_done.is_set():  # the long one was still decoding: leave it
+                    events.append("long still decoding")
+                    return
 
+    assert http.post("/leyline/sessions/ctl-s").status_code == 200
     thread = threading.Thread(target=long)
     thread.start()
     try:
         assert started.wait(30)
         t0 = time.monotonic()
-        for path in ("/leyline/stats", "/leyline/sessions/timeout-s"):
+        for path in ("/leyline/stats", "/leyline/sessions/ctl-s"):
             assert http.get(path).status_code == 200
         assert http.get(srv.base_url.removesuffix("/v1") + "/metrics").status_code == 200
         r = http.post("/chat/completions", json=_chat(max_tokens=2))
         assert r.status_code == 200
         events.append("short")
         short_s = time.monotonic() - t0
+        assert srv.engine.stats()["running"] == 1  # the long one is still decoding
     finally:
+        short_done.set()
         thread.join(120)
-    assert events == ["short", "long"], (events, short_s)
+    assert events == ["short", "long still decoding"], (events, short_s)
+    _wait_for(lambda: srv.engine.stats()["running"] == 0, "the left stream kept decoding")
+    assert_no_leaks(srv.engine)
 
 
 def test_metrics_are_labelled_by_route_template(srv: RunningServer, http: httpx.Client) -> None:
