@@ -8,6 +8,7 @@ Arms (what each request sends; the server's global ``--content-reuse`` stays on)
 | ``content`` | yes | stripped | true (moved content found by chunk hash) |
 | ``amortize`` | yes | AMORTIZE | false |
 | ``amortize+content`` | yes | AMORTIZE | true |
+| ``repair`` | yes | REPAIR (the server's default window) | true |
 | ``forget`` | yes | FORGET for every edit | false (exact: the oracle for agreement) |
 
 Every (arm, concurrency) run starts from a clean cache: a fresh in-process engine when the eval
@@ -96,6 +97,7 @@ _SPECS = (
     ArmSpec("content", session=True, directives=False, content_reuse=True),
     ArmSpec("amortize", session=True, directives=True, content_reuse=False),
     ArmSpec("amortize+content", session=True, directives=True, content_reuse=True),
+    ArmSpec("repair", session=True, directives=True, content_reuse=True, mode=Mode.REPAIR),
     ArmSpec("forget", session=True, directives=True, content_reuse=False, mode=Mode.FORGET),
 )
 ARMS: tuple[str, ...] = tuple(s.name for s in _SPECS)

@@ -12,8 +12,9 @@
 #                the plain client on the default radix cache (server 1), then every Leyline arm
 #                on the leyline backend (server 2), merged into one report in $OUT/replay_$MIX
 #                (summary.md, results.json, 3 plots). MIX=paper|agent, SCALE (1.0), CONC
-#                (1,4,8,16), CONVS (16), ARMS (the Leyline arms). Not run yet: written while no
-#                GPU was lent (2026-12-05); budget ~8-10 min per MIX at scale 1.0.
+#                (1,4,8,16), CONVS (16), ARMS (the Leyline arms; add `repair` once the plugin
+#                serves it). Not run yet: written while no GPU was lent (2026-12-05); budget
+#                ~8-10 min per MIX at scale 1.0 (split CONC over calls if one nears 10 min).
 # Results and server logs go to $OUT (default /tmp/leyline-gpu). SGLang's prefill CUDA graphs
 # are on (serve.sh) and the speed files are named *_pcg_*; SGLANG_PREFILL_CUDA_GRAPH=0 turns
 # them off (files without _pcg; MLA models run without them either way: SGLang disables them).

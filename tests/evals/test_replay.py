@@ -121,21 +121,24 @@ def test_agent_mix_labels_merge_and_server_measures(tmp_path: Path) -> None:
         first, second = tmp_path / "radix", tmp_path / "merged"
         argv = ["replay", *where, *common, "--arms", "exact", "--label", "radix"]
         assert main([*argv, "--out", str(first)]) == 0
-        argv = ["replay", *where, *common, "--arms", "amortize+content,forget", "--label", "ley"]
+        arms = "amortize+content,repair,forget"
+        argv = ["replay", *where, *common, "--arms", arms, "--label", "ley"]
         bad = main([*argv, "--merge-with", str(tmp_path / "missing.json"), "--out", str(second)])
         assert bad == 2
         merge = ["--merge-with", str(first / "results.json")]
         assert main([*argv, *merge, "--out", str(second)]) == 0
     data = json.loads((second / "results.json").read_text())
     runs = {r["arm"]: r["metrics"] for r in data["runs"]}
-    assert list(runs) == ["exact@radix", "amortize+content@ley", "forget@ley"]
+    assert list(runs) == ["exact@radix", "amortize+content@ley", "repair@ley", "forget@ley"]
     assert data["merged_from"] == [str(first / "results.json")]
-    exact, leyline, forget = runs.values()
+    exact, leyline, repair, forget = runs.values()
     # salted texts (one server): the same edits on statistically equal prompts
     assert abs(leyline["prompt_tokens"] / exact["prompt_tokens"] - 1) < 0.1
     assert leyline["unchanged_reused"] > exact["unchanged_reused"]
     assert leyline["spliced"] > 0 and leyline["directives_applied"] > 0
     assert forget["spliced"] == forget["chunk_reused"] == 0 and forget["directives_ignored"] == 0
+    assert repair["directives_applied"] > 0 and repair["directives_ignored"] == 0
+    assert repair["recomputed"] > leyline["recomputed"]  # the windows after each edit
     for m in runs.values():
         assert m["requests"] == 12 and m["requests_per_s"] > 0 and m["prompt_tokens_per_s"] > 0
         assert 0 < m["kv_occupancy_peak"] <= 1 and m["kv_occupancy_mean"] <= m["kv_occupancy_peak"]
