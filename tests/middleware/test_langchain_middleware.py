@@ -219,11 +219,11 @@ def test_redaction_marker_makes_that_request_forget(srv: RunningServer) -> None:
 
 def test_payload_on_the_wire_merges_the_callers_extra_body(srv: RunningServer) -> None:
     recorder = Recorder()
-    chat = _chat(srv, recorder, extra_body={"custom_params": {"trace": "abc"}, "top_k": 4})
+    chat = _chat(srv, recorder, extra_body={"custom_params": {"trace": "abc"}, "metadata": {"run": "4"}})
 
     @wrap_model_call
     def tenant(request: Any, handler: Any) -> Any:  # another middleware's model_settings
-        extra = {"custom_params": {"tenant": "t7"}, "user_tag": "x"}
+        extra = {"custom_params": {"tenant": "t7"}, "user": "x"}
         return handler(request.override(model_settings={"extra_body": extra}))
 
     mw = LeylineMiddleware()
@@ -233,7 +233,8 @@ def test_payload_on_the_wire_merges_the_callers_extra_body(srv: RunningServer) -
     session = mw.session_for(thread)
     assert session.startswith("lc-") and SESSION_ID.match(session)
     body = recorder.bodies[-1]
-    assert body["top_k"] == 4 and body["user_tag"] == "x" and "leyline" not in body
+    # fields leyline serve accepts (it refuses unknown ones: docs/security.md)
+    assert body["metadata"] == {"run": "4"} and body["user"] == "x" and "leyline" not in body
     assert body["custom_params"]["trace"] == "abc" and body["custom_params"]["tenant"] == "t7"
     assert recorder.leyline(-1) == {"protocol": 1, "session": session, "mode": "amortize",
                                     "content_reuse": True, "approximate": True}  # fmt: skip
