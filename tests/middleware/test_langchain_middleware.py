@@ -219,7 +219,9 @@ def test_redaction_marker_makes_that_request_forget(srv: RunningServer) -> None:
 
 def test_payload_on_the_wire_merges_the_callers_extra_body(srv: RunningServer) -> None:
     recorder = Recorder()
-    chat = _chat(srv, recorder, extra_body={"custom_params": {"trace": "abc"}, "metadata": {"run": "4"}})
+    chat = _chat(
+        srv, recorder, extra_body={"custom_params": {"trace": "abc"}, "metadata": {"run": "4"}}
+    )
 
     @wrap_model_call
     def tenant(request: Any, handler: Any) -> Any:  # another middleware's model_settings
