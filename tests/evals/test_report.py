@@ -137,14 +137,15 @@ def test_replay_report_files(tmp_path: Path) -> None:
         command="leyline eval replay --scale 0.05",
     )
     names = sorted(p.name for p in paths)
-    assert names == ["cache_hit.png", "results.json", "summary.md", "ttft_cdf.png"]
+    assert names == ["cache_hit.png", "results.json", "summary.md", "ttft_cdf.png", "ttft_vs_c.png"]
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["model"] == "tiny-llama" and data["seed"] == 0
     assert data["config"]["api_key"] == "***" and len(data["records"]) == 6
     assert data["versions"]["torch"] and "machine" in data
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| exact | 1 | 3 |" in summary and "50.0%" in summary
-    for name in ("cache_hit.png", "ttft_cdf.png"):
+    assert "Published" in summary and "49.6%" in summary  # the paper mix: the paper beside it
+    for name in ("cache_hit.png", "ttft_cdf.png", "ttft_vs_c.png"):
         _png_ok(tmp_path / "out" / name)
 
 
