@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint pytest sglang-tests clean
+.PHONY: demo test lint pytest sglang-tests transformers-min-tests clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,20 @@ lint: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The lowest transformers the `server` extra declares (pyproject) is tested too: the engine's
+# forward, model and HTTP tests run with it first on the path. 5.17 is also the GPU image's.
+TRANSFORMERS_MIN := build/transformers-min
+$(TRANSFORMERS_MIN)/.installed: Makefile
+	rm -rf $(TRANSFORMERS_MIN)
+	$(BIN)/python -m pip install -q --no-deps --target $(TRANSFORMERS_MIN) \
+		transformers==5.17.0 huggingface-hub==1.33.0
+	touch $@
+
+transformers-min-tests: $(STAMP) $(TRANSFORMERS_MIN)/.installed
+	PYTHONPATH=$(TRANSFORMERS_MIN) $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/server/engine/test_transformers_version.py tests/server/engine/test_forward.py \
+		tests/server/engine/test_model.py tests/server/engine/test_api.py
+
 # SGLang pins its own torch + CUDA kernels, so the plugin's tests run in one CPU venv per
 # supported version (docs/sglang.md): the same suite on 0.5.16 and on 0.5.23.
 sglang-tests:
@@ -42,7 +56,7 @@ sglang-tests:
 	SGLANG_VERSION=0.5.23 scripts/setup_sglang_venv.sh
 	.venv-sglang-0.5.23/bin/python -m pytest -q -p no:cacheprovider tests/server/sglang
 
-test: lint pytest sglang-tests
+test: lint pytest transformers-min-tests sglang-tests
 
 clean:
 	rm -rf $(VENV) .venv-sglang .venv-sglang-0.5.23 build *.egg-info

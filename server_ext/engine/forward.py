@@ -21,6 +21,8 @@ The attention mask is causal over cache order: the gathered tokens come first, i
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 from transformers import DynamicCache
@@ -49,6 +51,7 @@ class Generation:
         self.pool = pool
         self.cache = _gather(loaded, pool, _as_index(cached_slots, "cached_slots", loaded))
         self.length = int(cached_slots.numel())
+        self._cache_arg = cache_argument(loaded.model)
 
     def extend(
         self, ids: Tensor, positions: Tensor, new_slots: Tensor, *, logits_to_keep: int = 0
@@ -73,7 +76,7 @@ class Generation:
             out: CausalLMOutputWithPast = self.loaded.model(
                 input_ids=ids[None],
                 position_ids=positions[None],
-                cache=self.cache,
+                **{self._cache_arg: self.cache},
                 use_cache=True,
                 logits_to_keep=logits_to_keep,
             )
@@ -126,6 +129,25 @@ def _as_index(slots: Tensor, name: str, loaded: LoadedModel) -> Tensor:
 def _deinterleave(rows: Tensor) -> Tensor:
     """SGLang's interleaved rope pairs -> HF's layout (even dims, then odd dims)."""
     return torch.cat((rows[..., 0::2], rows[..., 1::2]), dim=-1)
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which ``model.forward`` takes a KV cache.
+
+    NOTE: transformers renamed ``past_key_values`` to ``cache`` during 5.x (5.17 takes only
+    ``past_key_values``; 5.25 takes ``cache`` and warns on the old name). An unknown keyword is
+    swallowed by ``**kwargs``: the model then builds a cache of its own and the engine's stays
+    empty, so the name must be the one this version reads.
+    """
+    params = inspect.signature(model.forward).parameters
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise RuntimeError(
+        f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`; "
+        "this transformers version is not supported"
+    )
 
 
 def _interleave(rows: Tensor) -> Tensor:
