@@ -356,14 +356,19 @@ def _conversation(cfg: WorkloadConfig, index: int, system: str) -> Conversation:
     return _paper_conversation(cfg, index, system)
 
 
+def _slice_and_task(cfg: WorkloadConfig, rng: random.Random, index: int) -> tuple[list[str], str]:
+    """The mutation slice's blocks and the task line of conversation ``index``."""
+    n_blocks = cfg.slice_blocks
+    per_block = cfg.chars(cfg.mutation_tokens) // n_blocks
+    blocks = [_block(rng, b, per_block) for b in range(n_blocks)]
+    return blocks, f"Task {index}: " + _prose(rng, max(40, cfg.chars(cfg.turn_tokens) // 10))
+
+
 def _paper_conversation(cfg: WorkloadConfig, index: int, system: str) -> Conversation:
     # the edit schedule does not depend on the salt; the text does (see WorkloadConfig.salt)
     srng = random.Random(f"leyline-replay:{cfg.seed}:conv:{index}:edits")
     rng = random.Random(f"leyline-replay:{cfg.seed}:{cfg.salt}:conv:{index}")
-    n_blocks = cfg.slice_blocks
-    per_block = cfg.chars(cfg.mutation_tokens) // n_blocks
-    blocks = [_block(rng, b, per_block) for b in range(n_blocks)]
-    task = f"Task {index}: " + _prose(rng, max(40, cfg.chars(cfg.turn_tokens) // 10))
+    blocks, task = _slice_and_task(cfg, rng, index)
     kinds = list(EDIT_KINDS)
     srng.shuffle(kinds)
     turns: list[tuple[str, str]] = []
@@ -487,10 +492,7 @@ def _agent_edit(
 def _agent_conversation(cfg: WorkloadConfig, index: int, system: str) -> Conversation:
     srng = random.Random(f"leyline-replay:{cfg.seed}:conv:{index}:agent-edits")
     rng = random.Random(f"leyline-replay:{cfg.seed}:{cfg.salt}:conv:{index}:agent")
-    n_blocks = cfg.slice_blocks
-    per_block = cfg.chars(cfg.mutation_tokens) // n_blocks
-    blocks = [_block(rng, b, per_block) for b in range(n_blocks)]
-    task = f"Task {index}: " + _prose(rng, max(40, cfg.chars(cfg.turn_tokens) // 10))
+    blocks, task = _slice_and_task(cfg, rng, index)
     kinds = list(AGENT_EDIT_KINDS)
     srng.shuffle(kinds)
     schedule = [kinds[(t - 2) % len(kinds)] for t in range(2, cfg.turns + 1)]  # request t >= 2

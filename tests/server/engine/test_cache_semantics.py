@@ -18,6 +18,7 @@ import openai
 import pytest
 import torch
 from _engine_server import RunningServer, assert_no_leaks, running_server
+from _histories import debug_history
 
 from leyline import Session
 from leyline.server.core.rope import RopeSpec, rotate
@@ -28,23 +29,6 @@ def srv(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
     """The same behaviours on a GQA model and on an MLA model (latent + rope rows)."""
     with running_server(model=request.param, kv_tokens=6144) as s:
         yield s
-
-
-def _tool_output(tag: str, lines: int = 40) -> str:
-    return "".join(f"{tag} line {i}: value={i * 7 % 13} status=ok\n" for i in range(lines))
-
-
-def _history(tag: str) -> list[dict[str, Any]]:
-    return [
-        {"role": "system", "content": "You are a debugging agent."},
-        {"role": "user", "content": f"Task {tag}: find the failing test."},
-        {"role": "assistant", "content": "I will run the tests."},
-        {"role": "user", "content": _tool_output(tag + "-a")},
-        {"role": "assistant", "content": "Now the logs."},
-        {"role": "user", "content": _tool_output(tag + "-b")},
-        {"role": "assistant", "content": "Found it."},
-        {"role": "user", "content": "Which file?"},
-    ]
 
 
 class Agent:
@@ -78,7 +62,7 @@ def _served_kv(srv: RunningServer, session: Session) -> tuple[np.ndarray, list[t
 
 def test_append_turns_are_exact_hits(srv: RunningServer) -> None:
     agent = Agent(srv)
-    h = _history("app")
+    h = debug_history("app")
     first = agent.send(h[:4])
     second = agent.send(h)
     assert first["leyline"]["tokens"]["exact"] < 5
@@ -90,7 +74,7 @@ def test_append_turns_are_exact_hits(srv: RunningServer) -> None:
 
 def test_amortize_deletion_splices_the_suffix(srv: RunningServer) -> None:
     agent = Agent(srv)
-    h = _history("amz")
+    h = debug_history("amz")
     agent.send(h)
     old_tokens, old_k = _served_kv(srv, agent.session)
     edited = h[:3] + h[5:]  # drop the first tool output and the reply after it
@@ -120,7 +104,7 @@ def test_amortize_deletion_splices_the_suffix(srv: RunningServer) -> None:
 
 def test_amortize_recomputes_only_the_replacement_and_the_new_turn(srv: RunningServer) -> None:
     agent = Agent(srv)
-    h = _history("rep")
+    h = debug_history("rep")
     agent.send(h)
     edited = [dict(m) for m in h]
     edited[3]["content"] = "[tool output truncated]"
@@ -136,7 +120,7 @@ def test_amortize_recomputes_only_the_replacement_and_the_new_turn(srv: RunningS
 
 def test_forget_equals_fresh_prefill(srv: RunningServer) -> None:
     agent = Agent(srv)
-    h = _history("fgt")
+    h = debug_history("fgt")
     agent.send(h)
     redacted = [dict(m) for m in h]
     redacted[3]["content"] = "[redacted]"
@@ -173,7 +157,7 @@ def test_forget_equals_fresh_prefill(srv: RunningServer) -> None:
 
 def test_moved_content_is_reused_by_hash(srv: RunningServer) -> None:
     agent = Agent(srv)
-    h = _history("mov")
+    h = debug_history("mov")
     agent.send(h)
     moved = [h[0], h[1], h[2], h[5], h[4], h[3], h[6], h[7]]  # swap the two tool outputs
     r = agent.send(moved)
@@ -183,7 +167,7 @@ def test_moved_content_is_reused_by_hash(srv: RunningServer) -> None:
 
 def test_plain_client_never_sees_approximate_kv(srv: RunningServer) -> None:
     agent = Agent(srv)
-    h = _history("iso")
+    h = debug_history("iso")
     agent.send(h)
     edited = h[:3] + h[5:]
     assert agent.send(edited)["leyline"]["tokens"]["spliced"] > 0
@@ -196,7 +180,7 @@ def test_plain_client_never_sees_approximate_kv(srv: RunningServer) -> None:
 
 def test_bad_directives_and_versions_change_nothing(srv: RunningServer) -> None:
     agent = Agent(srv)
-    h = _history("bad")
+    h = debug_history("bad")
     agent.send(h)
     before = srv.engine.session_info(agent.session.id)
     prepared = agent.session.prepare(h[:3] + h[5:])
@@ -242,7 +226,7 @@ def test_bad_directives_and_versions_change_nothing(srv: RunningServer) -> None:
 
 def test_wrong_segments_are_ignored_not_trusted(srv: RunningServer) -> None:
     agent = Agent(srv)
-    h = _history("lie")
+    h = debug_history("lie")
     agent.send(h)
     prepared = agent.session.prepare(h[:3] + h[5:])
     payload = prepared.payload()
@@ -262,7 +246,7 @@ def test_concurrent_sessions_and_busy_rejection(srv: RunningServer) -> None:
     def run(i: int) -> None:
         try:
             agent = Agent(srv)
-            h = _history(f"c{i}")
+            h = debug_history(f"c{i}")
             agent.send(h[:4])
             agent.send(h)
             r = agent.send(h[:3] + h[5:])
@@ -284,7 +268,7 @@ def test_small_cache_evicts_and_stays_consistent(srv: RunningServer) -> None:
         agents = [Agent(small) for _ in range(6)]
         for turn in range(3):
             for i, agent in enumerate(agents):
-                h = _history(f"e{i}")
+                h = debug_history(f"e{i}")
                 agent.send(h[: 4 + 2 * turn] if turn < 2 else h)
                 assert_no_leaks(small.engine)
         stats = small.engine.stats()
@@ -297,7 +281,7 @@ def test_small_cache_evicts_and_stays_consistent(srv: RunningServer) -> None:
 
 def test_spliced_prefix_matched_later_is_inherited_not_exact(srv: RunningServer) -> None:
     agent = Agent(srv)
-    h = _history("inh")
+    h = debug_history("inh")
     agent.send(h)
     edited = h[:3] + h[5:]
     r2 = agent.send(edited)
@@ -325,7 +309,7 @@ def test_spliced_prefix_matched_later_is_inherited_not_exact(srv: RunningServer)
 
 def test_forget_with_repeated_and_moved_content_equals_fresh(srv: RunningServer) -> None:
     agent = Agent(srv)
-    h = _history("rpt")
+    h = debug_history("rpt")
     agent.send(h)
     # message 3 is redacted (FORGET) and its content comes back at the end (moved, so the
     # base and the content index hold its KV): FORGET must reuse none of it
@@ -347,7 +331,7 @@ def test_forget_with_repeated_and_moved_content_equals_fresh(srv: RunningServer)
 
 def test_edit_already_cached_exactly_is_not_needed(srv: RunningServer) -> None:
     agent = Agent(srv)
-    h = _history("ndd")
+    h = debug_history("ndd")
     agent.send(h)
     edited = h[:3] + h[5:]
     plain = openai.OpenAI(base_url=srv.base_url, api_key="t", max_retries=0)
@@ -373,7 +357,7 @@ def _server_diff(
 
 
 def test_server_diff_payload_splices_without_segments(srv: RunningServer) -> None:
-    h = _history("sdf")
+    h = debug_history("sdf")
     body = {"custom_params": {"leyline": json.dumps({"session": "sdiff-1", "mode": "amortize"})}}
     first = _server_diff(srv, h, extra_body=body)
     assert (first["leyline"]["session"], first["leyline"]["version"]) == ("sdiff-1", 1)
@@ -388,7 +372,7 @@ def test_server_diff_payload_splices_without_segments(srv: RunningServer) -> Non
 
 
 def test_prompt_cache_key_only_gets_an_exact_session(srv: RunningServer) -> None:
-    h = _history("pck")
+    h = debug_history("pck")
     first = _server_diff(srv, h[:6], prompt_cache_key="agent 7 / run 3")  # not a valid id
     sid = first["leyline"]["session"]
     assert sid.startswith("pck-") and first["leyline"]["version"] == 1

@@ -18,6 +18,7 @@ import openai
 import pytest
 import torch
 from _engine_server import RunningServer, assert_no_leaks, running_server
+from _histories import debug_history, tool_output
 
 import leyline
 from leyline import Mode, Session
@@ -32,23 +33,6 @@ ATOL = 2e-5  # fp32: the pool's prefill vs the model's plain forward
 def srv() -> Iterator[RunningServer]:
     with running_server(model="tiny-llama", kv_tokens=8192) as s:
         yield s
-
-
-def _tool_output(tag: str, lines: int = 40) -> str:
-    return "".join(f"{tag} line {i}: value={i * 7 % 13} status=ok\n" for i in range(lines))
-
-
-def _history(tag: str) -> list[dict[str, Any]]:
-    return [
-        {"role": "system", "content": "You are a debugging agent."},
-        {"role": "user", "content": f"Task {tag}: find the failing test."},
-        {"role": "assistant", "content": "I will run the tests."},
-        {"role": "user", "content": _tool_output(tag + "-a")},
-        {"role": "assistant", "content": "Now the logs."},
-        {"role": "user", "content": _tool_output(tag + "-b")},
-        {"role": "assistant", "content": "Found it."},
-        {"role": "user", "content": "Which file?"},
-    ]
 
 
 def _send(
@@ -111,7 +95,7 @@ def _shift(old: np.ndarray, new: np.ndarray, a: int, b: int) -> int:
 @pytest.mark.parametrize("window", [24, 100])
 def test_repair_window_is_exact_and_the_rest_is_spliced(srv: RunningServer, window: int) -> None:
     session = Session()
-    h = _history(f"w{window}")
+    h = debug_history(f"w{window}")
     _send(srv, session, h)
     old_tokens, old_k, old_v = _served_kv(srv, session)
     edited = h[:3] + h[5:]  # drop the first tool output and the reply after it
@@ -154,7 +138,7 @@ def test_repair_window_is_exact_and_the_rest_is_spliced(srv: RunningServer, wind
 
 def test_full_window_is_exact_like_forget(srv: RunningServer) -> None:
     session = Session()
-    h = _history("full")
+    h = debug_history("full")
     _send(srv, session, h)
     edited = h[:3] + h[5:] + [{"role": "user", "content": "And the line number?"}]
     r = _send(srv, session, edited, mode=Mode.REPAIR, window=10**6)
@@ -179,7 +163,7 @@ def test_full_window_is_exact_like_forget(srv: RunningServer) -> None:
 
 
 def test_server_diff_repair_and_bad_windows_over_http(srv: RunningServer) -> None:
-    h = _history("sd")
+    h = debug_history("sd")
     client = openai.OpenAI(base_url=srv.base_url, api_key="t", max_retries=0)
 
     def send(messages: list[dict[str, Any]], payload: Payload) -> dict[str, Any]:
@@ -229,9 +213,9 @@ def _tool_history(tag: str) -> list[dict[str, Any]]:
         {"role": "system", "content": "You are a debugging agent."},
         {"role": "user", "content": f"Task {tag}: find the failing test."},
         call("a"),
-        {"role": "tool", "tool_call_id": "a", "content": _tool_output(tag + "-a")},
+        {"role": "tool", "tool_call_id": "a", "content": tool_output(tag + "-a")},
         call("b"),
-        {"role": "tool", "tool_call_id": "b", "content": _tool_output(tag + "-b")},
+        {"role": "tool", "tool_call_id": "b", "content": tool_output(tag + "-b")},
         {"role": "assistant", "content": "Found it."},
         {"role": "user", "content": "Which file?"},
     ]
