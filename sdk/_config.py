@@ -16,6 +16,9 @@ class Environment:
     api_key: str  # what the SDK sends (LEYLINE_API_KEY, else "leyline")
     serve_api_key: str | None = None  # what `leyline serve` requires (LEYLINE_API_KEY, else none)
     sglang_verify_splices: bool = False  # LEYLINE_SGLANG_VERIFY_SPLICES=1: check every splice
+    # LEYLINE_SGLANG_REPAIR_WINDOW=k: the SGLang plugin's default REPAIR window in tokens
+    # (unset: the core's DEFAULT_REPAIR, 128 tokens; docs/repair.md)
+    sglang_repair_window: int | None = None
 
     @classmethod
     def read(cls) -> Environment:
@@ -27,4 +30,15 @@ class Environment:
             api_key=key or "leyline",
             serve_api_key=key,
             sglang_verify_splices=os.environ.get("LEYLINE_SGLANG_VERIFY_SPLICES", "0") == "1",
+            sglang_repair_window=_tokens("LEYLINE_SGLANG_REPAIR_WINDOW"),
         )
+
+
+def _tokens(name: str) -> int | None:
+    """An optional token count (a non-negative integer) from the environment."""
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit()):
+        raise ValueError(f"{name} must be a non-negative integer (tokens), got {raw!r}")
+    return int(raw)

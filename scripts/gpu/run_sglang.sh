@@ -2,7 +2,8 @@
 # The GPU run of the real SGLang 0.5.16 server, from the project root on the GPU machine (with
 # .gpu-sglang/ from scripts/gpu/stage.sh carried along). One argument picks the part:
 #   speed        Llama-3.1-8B shape (dummy weights): default radix, then the leyline backend;
-#                benchmarks/sglang_server.py on each; the table
+#                benchmarks/sglang_server.py on each; the table (its `repair` case, REPAIR with
+#                the default window, has not run yet: added 2026-12-05 with no GPU lent)
 #   speed-mla    the same for the DeepSeek-V2-Lite shape (MLA attention, dense MLPs)
 #   correctness  a seeded random Llama (real outputs) on the leyline backend with every splice
 #                verified; benchmarks/sglang_correctness.py
@@ -12,8 +13,8 @@
 #                the plain client on the default radix cache (server 1), then every Leyline arm
 #                on the leyline backend (server 2), merged into one report in $OUT/replay_$MIX
 #                (summary.md, results.json, 3 plots). MIX=paper|agent, SCALE (1.0), CONC
-#                (1,4,8,16), CONVS (16), ARMS (the Leyline arms; add `repair` once the plugin
-#                serves it). Not run yet: written while no GPU was lent (2026-12-05); budget
+#                (1,4,8,16), CONVS (16), ARMS (the Leyline arms; the plugin serves `repair`
+#                since issue 14: add it to compare). Not run yet: written while no GPU was lent (2026-12-05); budget
 #                ~8-10 min per MIX at scale 1.0 (split CONC over calls if one nears 10 min).
 # Results and server logs go to $OUT (default /tmp/leyline-gpu). SGLang's prefill CUDA graphs
 # are on (serve.sh) and the speed files are named *_pcg_*; SGLANG_PREFILL_CUDA_GRAPH=0 turns

@@ -8,7 +8,7 @@ regions closer than ``merge_gap`` tokens merge (a truncation that keeps a head s
 with the original). The region at the prompt's end (the base's generation prompt and output
 against the history the client rendered) is the turn boundary, not a client edit. Edits pair
 with the client's directives in order when the counts agree; when they do not, every edit gets
-the directives' common mode, or FORGET when the modes are mixed. The prompt stays the source of
+the strictest of the directives' modes (FORGET, then REPAIR, then AMORTIZE). The prompt stays the source of
 truth: each span is read off the two token sequences, so applying the edits to the base always
 yields the request's tokens.
 
@@ -33,6 +33,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 __all__ = ["Alignment", "TokenEdit", "align_edits", "edit_regions", "moved_spans"]
 
+_STRICTNESS = ("amortize", "repair", "forget")  # merged edits take the strictest mode
 _MAX_RUNS = 256  # the chain search is O(runs^2) in Python: beyond this, the longest runs
 _HASH_SEED = 0x5EED_1E71
 
@@ -213,8 +214,9 @@ def align_edits(
     Regions that end within ``merge_gap`` tokens of the base prompt's end, or later, are the
     turn boundary (the base's generation prompt and output against the history the client
     rendered), never a client edit: they are served by ordinary matching and carry no mode.
-    When the region count differs from the directive count and the modes are mixed, every
-    region is served as FORGET (exact; costs speed, never leaks edited-away content).
+    When the region count differs from the directive count, every region is served in the
+    strictest of the modes (FORGET, then REPAIR, then AMORTIZE: it costs speed, never
+    exactness the client asked for, nor leaks edited-away content).
     """
     if not modes and default is None:
         return Alignment((), True, None)
@@ -229,8 +231,7 @@ def align_edits(
     if len(regions) == len(modes):
         return Alignment(tuple(TokenEdit(*r, m) for r, m in zip(regions, modes, strict=True)),
                          True, None)  # fmt: skip
-    uniform = len(set(modes)) == 1
-    mode = modes[0] if uniform else "forget"
+    mode = max(modes, key=_STRICTNESS.index)
     why = (
         f"the token diff finds {len(regions)} edits for {len(modes)} directives (edits closer "
         f"than {merge_gap} tokens merge); served together as {mode}"

@@ -49,9 +49,10 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
+from leyline.directives import MAX_WINDOW, Mode
 from leyline.errors import PayloadError
 from leyline.protocol import Payload
-from leyline.server.core.align import align_edits, moved_spans
+from leyline.server.core.align import Alignment, align_edits, moved_spans
 from leyline.server.core.index import ContentIndex
 from leyline.server.sglang import compat
 from leyline.server.sglang.pool import PoolBinding, PoolSplicer
@@ -82,6 +83,7 @@ class LeylineCacheConfig:
     max_windows: int = 8  # recompute windows (extra prefill rounds) per request
     min_moved_run: int = 32  # moved spans shorter than this are left to the content index
     verify_splices: bool = False  # check each splice against the core's torch rotate (slow)
+    repair_window: int | None = None  # REPAIR's default window (tokens); None: DEFAULT_REPAIR
 
     def __post_init__(self) -> None:
         if self.min_copy_run < 1 or self.max_windows < 0 or self.min_moved_run < 8:
@@ -95,6 +97,17 @@ class LeylineCacheConfig:
             raise ValueError(f"merge_gap must be >= 0, got {self.merge_gap}")
         if self.kernel_impl not in ("auto", "torch", "triton"):
             raise ValueError(f"kernel_impl must be auto|torch|triton, got {self.kernel_impl!r}")
+        if self.repair_window is not None and not 0 <= self.repair_window <= MAX_WINDOW:
+            raise ValueError(
+                f"repair_window must be 0..{MAX_WINDOW} tokens, got {self.repair_window}"
+            )
+
+    @property
+    def repair(self) -> Any:
+        """The planner's default REPAIR window (a core `RepairWindow`)."""
+        from leyline.server.core.planner import DEFAULT_REPAIR, RepairWindow
+
+        return DEFAULT_REPAIR if self.repair_window is None else RepairWindow(self.repair_window)
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,14 +540,15 @@ class LeylineRadixCache(compat.Lifecycle, RadixCache):
         state.alignment = al
         if al.reason is not None:
             state.note(al.reason)
+        windows = _edit_windows(payload, al, cfg.repair.tokens)
         state.directives = [
-            TokenDirective(e.start, e.end, tokens[e.new_start : e.new_end].copy(), Mode(e.mode))
-            for e in al.edits
+            TokenDirective(e.start, e.end, tokens[e.new_start : e.new_end].copy(), Mode(e.mode), w)
+            for e, w in zip(al.edits, windows, strict=True)
         ]
         if payload.forgets:
             return  # exact after the edit: no moved spans (nor chunks, see `_plan`)
-        for e in al.edits:
-            if e.mode == "amortize" and e.new_end - e.new_start >= cfg.min_moved_run:
+        for e in al.edits:  # AMORTIZE or REPAIR (whose planner windows moved content too)
+            if e.new_end - e.new_start >= cfg.min_moved_run:
                 state.moved.extend(
                     moved_spans(b_tokens, tokens, e.new_start, e.new_end, cfg.min_moved_run)
                 )
@@ -570,9 +584,11 @@ class LeylineRadixCache(compat.Lifecycle, RadixCache):
             index=index,
             salt=_tenant(ns, state.salt),
             moved=state.moved if base_seq is not None else (),
+            repair=cfg.repair,
         )
         if not state.outcomes and directives and base_seq is not None:
             state.outcomes, state.base_len = plan.outcomes, len(base_seq)
+        state.plan_windows(plan.windows)
         step = next_step(plan, exact_len, min_copy_run=cfg.min_copy_run,
                          windows_left=cfg.max_windows - state.windows)  # fmt: skip
         state.time("plan", t0)
@@ -672,6 +688,21 @@ class LeylineRadixCache(compat.Lifecycle, RadixCache):
         """Compile the splice kernel at start-up (see `PoolSplicer.warm_up`)."""
         if self.splicer is not None:
             self.splicer.warm_up()
+
+
+def _edit_windows(payload: Payload, al: Alignment, default: int | None) -> list[int | None]:
+    """Each edit's REPAIR window (None: the planner's default; always None off REPAIR): its
+    directive's, the payload's (server diff), or for edits served together the largest of the
+    REPAIR directives' (an omitted one counts as ``default``; None if that is not in tokens)."""
+    if payload.server_diff:
+        return [payload.window if e.mode == Mode.REPAIR else None for e in al.edits]
+    if al.paired:
+        return [d.window for d in payload.directives]
+    asked = [d.window for d in payload.directives if d.mode is Mode.REPAIR]
+    merged = None
+    if asked and (default is not None or None not in asked):
+        merged = max(default if w is None else w for w in asked)  # type: ignore[type-var]
+    return [merged if e.mode == Mode.REPAIR else None for e in al.edits]
 
 
 def _set_window(req: Any, state: RequestState, end: int | None) -> None:

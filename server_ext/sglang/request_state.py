@@ -69,6 +69,7 @@ class RequestState:
     notes: list[str] = field(default_factory=list)
     checks: dict[str, Any] | None = None  # splice verification totals (verify_splices only)
     indexed_from: int = 0  # the match before any copy: already in the content index
+    repair: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # REPAIR windows
     settled: tuple[int, int, int] | None = None  # (tokens, matched, evictions) of the last plan
     base_cache: tuple[int, Any, Any, Any] | None = None  # see LeylineRadixCache._base
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -78,6 +79,8 @@ class RequestState:
     def __post_init__(self) -> None:
         if not len(self.served):
             self.served = np.zeros(self.prompt_len, np.int8)
+        if not len(self.repair):
+            self.repair = np.zeros(self.prompt_len, bool)
 
     # ----- recording -----
 
@@ -87,6 +90,13 @@ class RequestState:
             self.served[r.start : min(r.end, self.prompt_len)] = (
                 SPLICED if r.kind == "spliced" else CHUNK
             )
+
+    def plan_windows(self, spans: Any) -> None:
+        """A plan's REPAIR windows (``Plan.windows``): positions it recomputes that it could
+        have copied. Only these count as ``repaired``; copy runs that `windows.next_step`
+        recomputes because they are short are recomputed, not windows."""
+        for lo, hi in spans:
+            self.repair[lo : min(hi, self.prompt_len)] = True
 
     def rematch(self, matched: int) -> None:
         """A later lookup found only ``matched`` tokens cached (evictions since the first one):
@@ -132,9 +142,11 @@ class RequestState:
 
     def tokens(self) -> TokenCounts:
         spliced, chunk = self.spliced, self.chunk_reused
+        cached = self.exact + self.inherited
+        repaired = int((self.repair[cached:] & (self.served[cached:] == 0)).sum())
         return TokenCounts(
             exact=self.exact, inherited=self.inherited, spliced=spliced, chunk_reused=chunk,
-            recomputed=self.prompt_len - self.exact - self.inherited - spliced - chunk,
+            recomputed=self.prompt_len - cached - spliced - chunk, repaired=repaired,
         )  # fmt: skip
 
     def directive_outcomes(self) -> tuple[DirectiveOutcome, ...]:
@@ -157,7 +169,8 @@ class RequestState:
         worst = max((o.status for o in per_edit), key=_SEVERITY.__getitem__)
         reasons = [al.reason] + [o.reason for o in per_edit if o.reason]
         why = "; ".join(dict.fromkeys(r for r in reasons if r))
-        return tuple(DirectiveOutcome(i, worst, why, None) for i in range(count))
+        window = None if any(o.window_tokens for o in per_edit) else 0  # shared, like spliced
+        return tuple(DirectiveOutcome(i, worst, why, None, window) for i in range(count))
 
     def _edit_outcome(self, j: int) -> DirectiveOutcome:
         assert self.alignment is not None
@@ -170,16 +183,19 @@ class RequestState:
             return replace(planned, index=j, spliced_tokens=0)
         if edit.mode == "forget":
             return DirectiveOutcome(j, Status.APPLIED, None, 0)
+        # A REPAIR window is never copied (every plan recomputes it): served as planned.
+        window = planned.window_tokens
         lo, hi = self._kept_segment(j)
         served = int((self.served[lo:hi] == SPLICED).sum())
         want = int(planned.spliced_tokens or 0)
         if served >= want:
-            return DirectiveOutcome(j, Status.APPLIED, None, served)
+            return DirectiveOutcome(j, Status.APPLIED, None, served, window)
         why = "; ".join(self.shortfalls) or "the spliced suffix could not be served"
         if served:
             why = f"{served} of {want} kept tokens spliced: {why}"
-            return DirectiveOutcome(j, Status.PARTIAL, why, served)
-        return DirectiveOutcome(j, Status.IGNORED, f"none of {want} kept tokens spliced: {why}", 0)
+            return DirectiveOutcome(j, Status.PARTIAL, why, served, window)
+        why = f"none of {want} kept tokens spliced: {why}"
+        return DirectiveOutcome(j, Status.IGNORED, why, 0, window)
 
     def _kept_segment(self, j: int) -> tuple[int, int]:
         """Request positions of the base tokens kept after edit ``j`` (up to the next edit)."""

@@ -105,6 +105,9 @@ def test_mixed_modes_that_do_not_pair_are_served_as_forget() -> None:
     assert "1 edits for 2 directives" in al.reason
     al = align_edits(base, 1000, new, ["amortize", "amortize"])
     assert [e.mode for e in al.edits] == ["amortize"]
+    # Without FORGET the strictest is REPAIR: the merged edit is not served less exact.
+    al = align_edits(base, 1000, new, ["amortize", "repair"])
+    assert [e.mode for e in al.edits] == ["repair"] and "served together as repair" in al.reason
 
 
 def test_moved_spans_find_a_moved_block_whole() -> None:
