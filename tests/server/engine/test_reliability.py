@@ -222,7 +222,21 @@ def _raw_request(srv: RunningServer, head: str, body: bytes = b"") -> bytes:
     host, port = srv.base_url.removeprefix("http://").removesuffix("/v1").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(head.encode() + body)
-        return sock.recv(65536)
+        answer = b""
+        while True:  # the status line, the headers, then the body may come in separate reads
+            piece = sock.recv(65536)
+            answer += piece
+            top, sep, rest = answer.partition(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in top.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                None,
+            )
+            if not piece or (sep and (length is None or len(rest) >= length)):
+                return answer
 
 
 def test_oversized_body_is_refused_before_it_is_read(srv: RunningServer) -> None:
