@@ -19,6 +19,9 @@ class Environment:
     # LEYLINE_SGLANG_REPAIR_WINDOW=k: the SGLang plugin's default REPAIR window in tokens
     # (unset: the core's DEFAULT_REPAIR, 128 tokens; docs/repair.md)
     sglang_repair_window: int | None = None
+    # LEYLINE_SGLANG_INDEX_ALL_REQUESTS=1: every request donates its content to content reuse
+    # within its tenant, not only those that opted in (docs/security.md, "On SGLang")
+    sglang_index_all_requests: bool = False
 
     @classmethod
     def read(cls) -> Environment:
@@ -31,6 +34,8 @@ class Environment:
             serve_api_key=key,
             sglang_verify_splices=os.environ.get("LEYLINE_SGLANG_VERIFY_SPLICES", "0") == "1",
             sglang_repair_window=_tokens("LEYLINE_SGLANG_REPAIR_WINDOW"),
+            sglang_index_all_requests=os.environ.get("LEYLINE_SGLANG_INDEX_ALL_REQUESTS", "0")
+            == "1",
         )
 
 

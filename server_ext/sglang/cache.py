@@ -30,6 +30,7 @@ state and the accounting live in :mod:`leyline.server.sglang.request_state`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from array import array
@@ -59,7 +60,7 @@ from leyline.server.sglang.pool import PoolBinding, PoolSplicer
 from leyline.server.sglang.request_state import RequestState
 from leyline.server.sglang.windows import WINDOW_ATTR, Step, next_step
 
-__all__ = ["APPROX_SUFFIX", "LeylineCacheConfig", "LeylineRadixCache"]
+__all__ = ["APPROX_SUFFIX", "LeylineCacheConfig", "LeylineRadixCache", "tenant_of"]
 
 compat.require()  # an unsupported SGLang is refused here, naming the supported versions
 
@@ -84,6 +85,9 @@ class LeylineCacheConfig:
     min_moved_run: int = 32  # moved spans shorter than this are left to the content index
     verify_splices: bool = False  # check each splice against the core's torch rotate (slow)
     repair_window: int | None = None  # REPAIR's default window (tokens); None: DEFAULT_REPAIR
+    # Donation to content reuse: False (default) indexes only requests that opted in (a payload
+    # with approximate and content_reuse true); True indexes every request, within its tenant.
+    index_all_requests: bool = False
 
     def __post_init__(self) -> None:
         if self.min_copy_run < 1 or self.max_windows < 0 or self.min_moved_run < 8:
@@ -127,31 +131,35 @@ class _Planned:
 
 
 class _Sessions:
-    """Per-session token sequences by version (the base a later request's directives edit)."""
+    """Per-session token sequences by version (the base a later request's directives edit),
+    keyed by (tenant, session id): a session id of another tenant names an unrelated session,
+    so nothing of it (tokens, versions) is reachable from there."""
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._by_id: OrderedDict[str, dict[int, tuple[np.ndarray, int]]] = OrderedDict()
+        self._by_id: OrderedDict[tuple[str, str], dict[int, tuple[np.ndarray, int]]] = OrderedDict()
 
-    def record(self, session: str, version: int, tokens: Sequence[int], prompt_len: int) -> None:
-        versions = self._by_id.setdefault(session, {})
-        self._by_id.move_to_end(session)
+    def record(
+        self, tenant: str, session: str, version: int, tokens: Sequence[int], prompt_len: int
+    ) -> None:
+        versions = self._by_id.setdefault((tenant, session), {})
+        self._by_id.move_to_end((tenant, session))
         versions[version] = (_ids(tokens).copy(), prompt_len)
         for old in sorted(versions)[:-2]:  # a request edits the latest committed version
             del versions[old]
         while len(self._by_id) > self._capacity:
             self._by_id.popitem(last=False)
 
-    def get(self, session: str, version: int) -> tuple[np.ndarray, int] | None:
-        return self._by_id.get(session, {}).get(version)
+    def get(self, tenant: str, session: str, version: int) -> tuple[np.ndarray, int] | None:
+        return self._by_id.get((tenant, session), {}).get(version)
 
-    def latest(self, session: str) -> int | None:
+    def latest(self, tenant: str, session: str) -> int | None:
         """The session's newest recorded version (a server-diff payload edits it)."""
-        versions = self._by_id.get(session)
+        versions = self._by_id.get((tenant, session))
         return max(versions) if versions else None
 
-    def drop(self, session: str) -> bool:
-        return self._by_id.pop(session, None) is not None
+    def drop(self, tenant: str, session: str) -> bool:
+        return self._by_id.pop((tenant, session), None) is not None
 
     def clear(self) -> None:
         self._by_id.clear()
@@ -307,11 +315,11 @@ class LeylineRadixCache(compat.Lifecycle, RadixCache):
         raw = key.raw_token_ids()
         tokens = _ids(raw) if len(key) else np.zeros(0, np.int64)
         state = RequestState(payload, prompt_len=len(req.origin_input_ids), salt=salt, t0=t0)
-        state.version, state.base_version = self._versions(payload)
+        state.version, state.base_version = self._versions(payload, _tenant(ns, salt))
         setattr(req, _STATE_ATTR, state)
         n_plain, n_ns = compat.match_len(plain), compat.match_len(res)
         if self.binding is not None and len(tokens):
-            self._prepare(state, tokens)
+            self._prepare(state, tokens, _tenant(ns, salt))
         # FORGET: nothing approximate after the edit. An approximate match running past it
         # could not be used, nor could this request's own KV be (SGLang deduplicates equal
         # keys of one namespace on insert): the request is served exact.
@@ -344,9 +352,8 @@ class LeylineRadixCache(compat.Lifecycle, RadixCache):
             state.exact = state.indexed_from = n_plain
         state.time("match", t0)
         state.publish(req)
-        full = req.origin_input_ids + req.output_ids
-        assert state.version is not None
-        self.sessions.record(payload.session, state.version, full, len(req.origin_input_ids))
+        # The session's version is recorded when the request is done (`_request_done`), not
+        # here: an aborted request must leave its session as it found it.
         return res
 
     # SGLang's lifecycle calls reach these two through `compat.Lifecycle` (0.5.16:
@@ -389,14 +396,24 @@ class LeylineRadixCache(compat.Lifecycle, RadixCache):
         if state is not None:
             state.mark_time("finished")
             state.publish(req)  # SGLang streams the first output after this call
-        payload = getattr(req, _PAYLOAD_ATTR, None)
+        payload = self._payload(req)
         tokens = (req.origin_input_ids + req.output_ids)[:kv_len]
-        if isinstance(payload, Payload):
-            version = state.version if state is not None else self._versions(payload)[0]
+        salt, tenant = compat.req_salt(req), tenant_of(req)
+        # An abort (0.5.16: released without insert, or finished with FINISH_ABORT after its
+        # last forward; 0.5.23: on_release without checkpoint) records no session version. So
+        # does a retraction (released without insert): the request is served again later.
+        completed = inserted and not _aborted(req)
+        if payload is not None and completed:
+            version = state.version if state is not None else self._versions(payload, tenant)[0]
             assert version is not None
-            self.sessions.record(payload.session, version, tokens, len(req.origin_input_ids))
-        if self.leyline_config.content_reuse and inserted and self.binding is not None:
-            salt = compat.req_salt(req)
+            self.sessions.record(
+                tenant, payload.session, version, tokens, len(req.origin_input_ids)
+            )
+        cfg = self.leyline_config
+        donates = cfg.index_all_requests or (
+            payload is not None and payload.approximate and payload.content_reuse
+        )
+        if cfg.content_reuse and donates and inserted and self.binding is not None:
             res = super().match_prefix(
                 MatchPrefixParams(key=compat.radix_key(tokens, req.extra_key, salt))
             )
@@ -408,7 +425,7 @@ class LeylineRadixCache(compat.Lifecycle, RadixCache):
                 slots = compat.match_slots(self, res)
                 self._index().add_sequence(
                     np.asarray(tokens[:n], dtype=np.int64), slots.cpu().numpy(),
-                    salt=_tenant(req.extra_key, salt), start=start,
+                    salt=tenant, start=start,
                 )  # fmt: skip
 
     # ----- the extension -----
@@ -432,12 +449,12 @@ class LeylineRadixCache(compat.Lifecycle, RadixCache):
         setattr(req, _PAYLOAD_ATTR, payload)
         return payload
 
-    def _versions(self, payload: Payload) -> tuple[int | None, int | None]:
+    def _versions(self, payload: Payload, tenant: str) -> tuple[int | None, int | None]:
         """(version, base version) of a request: the payload's, or for a server-diff payload
-        the session's next version and its latest recorded one."""
+        the tenant's session's next version and its latest recorded one."""
         if not payload.server_diff:
             return payload.version, payload.base_version
-        latest = self.sessions.latest(payload.session)
+        latest = self.sessions.latest(tenant, payload.session)
         return (latest or 0) + 1, latest
 
     def _seed(
@@ -516,14 +533,15 @@ class LeylineRadixCache(compat.Lifecycle, RadixCache):
         state.base_cache = (self._evictions, seq, b_node, b_slots)
         return seq, b_node, b_slots
 
-    def _prepare(self, state: RequestState, tokens: np.ndarray) -> None:
-        """Once per request: map the client's directives onto the base (token diff)."""
+    def _prepare(self, state: RequestState, tokens: np.ndarray, tenant: str) -> None:
+        """Once per request: map the client's directives onto the base (token diff) of the
+        tenant's session."""
         from leyline.server.core.planner import Mode, TokenDirective
 
         payload = state.payload
         if state.base_version is None:
             return
-        base = self.sessions.get(payload.session, state.base_version)
+        base = self.sessions.get(tenant, payload.session, state.base_version)
         if base is None:
             why = f"session {payload.session!r} has no cached base version {state.base_version}"
             state.base_missing = why
@@ -735,7 +753,20 @@ def _tenant_key(ns: str) -> str | None:
 
 
 def _tenant(extra_key: str | None, salt: str | None) -> str:
-    """The content index's tenant: the plain namespace, and the cache salt where SGLang
-    keeps it apart from the extra key (compat)."""
-    plain = _tenant_key(extra_key or "") or ""
-    return plain if salt is None else f"{plain}\x1f{salt}"
+    """A request's tenant (the content index's chunk salt and the session table's key): the
+    plain namespace SGLang keys its radix tree with (0.5.16: ``cache_salt + extra_key`` and
+    the LoRA id), and the cache salt where SGLang keeps it apart (0.5.23, compat). Encoded
+    unambiguously: an extra key cannot pose as another (extra key, salt) pair."""
+    return json.dumps([_tenant_key(extra_key or "") or "", salt])
+
+
+def tenant_of(req: Any) -> str:
+    """The tenant of a scheduler `Req` (see `_tenant`): what its session and donated chunks
+    are filed under."""
+    return _tenant(req.extra_key, compat.req_salt(req))
+
+
+def _aborted(req: Any) -> bool:
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    return isinstance(getattr(req, "finished_reason", None), FINISH_ABORT)

@@ -111,7 +111,11 @@ def leyline_cache_factory(ctx: Any) -> Any:
     logger.info("leyline: radix cache on %s, %s", type(pool).__name__, binding.layout)
     from leyline._config import Environment
 
-    config = LeylineCacheConfig(verify_splices=Environment.read().sglang_verify_splices)
+    env = Environment.read()
+    config = LeylineCacheConfig(
+        verify_splices=env.sglang_verify_splices,
+        index_all_requests=env.sglang_index_all_requests,
+    )
     cache = LeylineRadixCache(ctx.params, binding, config)
     cache.warm_up()  # compile the splice kernel at start-up, not in the first request
     return cache

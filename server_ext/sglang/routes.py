@@ -3,6 +3,12 @@
 Only what the main process can answer truthfully: session state (base token sequences) lives
 in the scheduler processes, so ``GET /v1/leyline/sessions/{id}`` and ``/stats`` of
 docs/protocol.md are not served here (docs/sglang.md, "What differs on SGLang").
+
+Authentication is SGLang's: with ``--api-key`` its launcher adds an ASGI middleware to the
+whole ``app`` (``sglang.srt.utils.auth.add_api_key_middleware``, 0.5.16 and 0.5.23), which
+covers this router (tests/server/sglang/test_sgl_tenants.py fails if it stops doing so). The
+session routes hold no state, so their answers are the same for every tenant
+(docs/security.md, "On SGLang").
 """
 
 from __future__ import annotations

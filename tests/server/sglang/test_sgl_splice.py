@@ -27,7 +27,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams  # noqa: E402
 
 from leyline.directives import Directive, Mode  # noqa: E402
 from leyline.protocol import Payload  # noqa: E402
-from leyline.server.sglang.cache import LeylineRadixCache  # noqa: E402
+from leyline.server.sglang.cache import LeylineRadixCache, tenant_of  # noqa: E402
 from leyline.server.sglang.pool import PoolBinding  # noqa: E402
 from leyline.server.sglang.rotary import rope_spec_from_module  # noqa: E402
 
@@ -302,5 +302,5 @@ def test_server_diff_payload_versions_and_splices_without_segments() -> None:
     info = json.loads(r2.customized_info["leyline"][0])
     assert info["version"] == 2 and info["tokens"]["spliced"] > 0, info
     assert [d["status"] for d in info["directives"]] == ["applied"]
-    assert cache.sessions.latest("sd") == 2
+    assert cache.sessions.latest(tenant_of(r2), "sd") == 2
     assert stack.invariant(cache) == stack.size

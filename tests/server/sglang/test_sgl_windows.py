@@ -194,6 +194,8 @@ def _base(world: World, tokens: list[int]) -> None:
 
 
 SYS, A, B, TURN = _toks(1, 60), _toks(2, 240), _toks(3, 300), _toks(4, 40)
+# A donor's payload: only requests that opt in to content reuse are indexed for it.
+DONATE = {"session": "donor", "version": 1, "base_version": None}
 A_SHORT = _toks(5, 20)
 
 
@@ -396,14 +398,14 @@ def test_evicting_a_chunk_donor_to_make_room_replans_without_it() -> None:
     new = head + donor + TURN
     payload = {"session": "t", "version": 1, "base_version": None}
     dry = World()  # where the window before the reused chunks ends
-    dry.serve(make_req("donor", donor, None))
+    dry.serve(make_req("donor", donor, DONATE))
     probe = make_req("probe", new, payload)
     probe.init_next_round_input(dry.cache)
     window_end = getattr(probe, WINDOW_ATTR)
     assert window_end is not None
     # The window fits, the copy behind it does not until the donor is evicted.
     w = World(size=len(donor) + window_end + 45)
-    w.serve(make_req("donor", donor, None))  # indexed for content reuse, evictable
+    w.serve(make_req("donor", donor, DONATE))  # indexed for content reuse, evictable
     assert len(w.cache._index()) > 0
     req = make_req("r", new, payload)
     w.prefilled = 0
@@ -495,7 +497,7 @@ def test_forget_uses_no_chunk_from_the_content_index(mode, session) -> None:
     the server has no base to locate the edit in (``unknown``: the directive is ignored)."""
     w = World()
     donor = _toks(12, 1200)
-    w.serve(make_req("donor", donor, None))  # indexed for content reuse
+    w.serve(make_req("donor", donor, DONATE))  # indexed for content reuse
     _base(w, SYS + A + B)
     new = SYS + A_SHORT + donor + B + TURN
     req = make_req("r2", new, {**_payload(2, 1, [mode]), "session": session})
@@ -521,7 +523,7 @@ def test_tenants_are_walls_for_chunk_reuse_and_matching(tenant) -> None:
     content index for another: the same request from the same tenant reuses it."""
     w = World()
     donor = _toks(12, 1200)
-    w.serve(make_req("donor", donor, None, salt="alice"))  # indexed for alice
+    w.serve(make_req("donor", donor, DONATE, salt="alice"))  # indexed for alice
     new = _toks(13, 40) + donor + TURN
     payload = {"session": "t", "version": 1, "base_version": None}
     req = make_req("r", new, payload, salt=tenant)
