@@ -115,6 +115,7 @@ def leyline_cache_factory(ctx: Any) -> Any:
     config = LeylineCacheConfig(
         verify_splices=env.sglang_verify_splices,
         index_all_requests=env.sglang_index_all_requests,
+        repair_window=env.sglang_repair_window,
     )
     cache = LeylineRadixCache(ctx.params, binding, config)
     cache.warm_up()  # compile the splice kernel at start-up, not in the first request

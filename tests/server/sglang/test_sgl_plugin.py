@@ -188,6 +188,21 @@ def test_create_tree_cache_builds_leyline_for_mha_and_mla() -> None:
     assert cache.binding.rope.interleaved
 
 
+def test_the_factory_reads_the_operator_settings(monkeypatch) -> None:
+    """LEYLINE_SGLANG_* settings reach the backend's config (read once, in the scheduler)."""
+    set_server_args()
+    plugin.register()
+    mha = mha_stack(size=32, layers=2, heads=2, head_dim=16, v_dim=16)
+    ropes = [get_rope(16, 16, 2048, 10000, True, None, torch.float32) for _ in range(2)]
+    default = registry.create_tree_cache(_ctx(mha, _Model(ropes))).leyline_config
+    assert default.repair_window is None and default.index_all_requests is False
+    monkeypatch.setenv("LEYLINE_SGLANG_REPAIR_WINDOW", "48")
+    monkeypatch.setenv("LEYLINE_SGLANG_INDEX_ALL_REQUESTS", "1")
+    mha = mha_stack(size=32, layers=2, heads=2, head_dim=16, v_dim=16)
+    config = registry.create_tree_cache(_ctx(mha, _Model(ropes))).leyline_config
+    assert config.repair_window == 48 and config.index_all_requests is True
+
+
 @pytest.mark.parametrize(
     ("over", "needle"),
     [
