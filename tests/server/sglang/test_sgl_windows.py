@@ -19,36 +19,29 @@ import json
 
 import pytest
 from _sglang_support import (
-    commit,
+    WORLD_VOCAB,
+    World,
     extend_bounds,
     install_vllm_ops_stub,
     make_req,
-    mha_stack,
     prefix_slots,
-    release,
     require_sglang,
-    row,
-    slots,
-    stash,
 )
 
 require_sglang()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sglang.srt.managers.schedule_batch import ScheduleBatch  # noqa: E402
 from sglang.srt.managers.schedule_policy import PrefillAdder  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams  # noqa: E402
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
 from leyline.directives import Directive, Mode  # noqa: E402
 from leyline.protocol import Payload, TokenCounts  # noqa: E402
-from leyline.server.sglang.cache import LeylineCacheConfig, LeylineRadixCache  # noqa: E402
-from leyline.server.sglang.pool import PoolBinding  # noqa: E402
-from leyline.server.sglang.rotary import rope_spec_from_module  # noqa: E402
+from leyline.server.sglang.cache import LeylineCacheConfig  # noqa: E402
 from leyline.server.sglang.windows import WINDOW_ATTR, install_window_hooks  # noqa: E402
 
-VOCAB = 3000
+VOCAB = WORLD_VOCAB
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,115 +54,6 @@ def _hooks() -> None:
     HookRegistry.apply_hooks()
     assert PrefillAdder.add_one_req.__name__ == "add_one_req"
     assert hasattr(PrefillAdder.add_one_req, "__wrapped__")  # patched by the registry
-
-
-class World:
-    """A real MHA pool + allocator + Leyline cache, and the context-free model."""
-
-    def __init__(self, size: int = 3000, config: LeylineCacheConfig | None = None) -> None:
-        from sglang.srt.layers.rotary_embedding import get_rope
-
-        self.stack = mha_stack(size=size, layers=2, heads=3, head_dim=40, v_dim=24,
-                               dtype=torch.float32)  # fmt: skip
-        self.rope = get_rope(40, 24, 32768, 10000, True, None, torch.float32)
-        binding = PoolBinding.from_pool(self.stack.pool, rope_spec_from_module(self.rope))
-        cfg = config or LeylineCacheConfig(min_copy_run=32, min_moved_run=16)
-        self.cache = LeylineRadixCache(self.stack.params, binding, cfg)
-        g = torch.Generator().manual_seed(11)
-        self.raw_k = [torch.randn(VOCAB, 3, 40, generator=g) for _ in range(2)]
-        self.raw_v = [torch.randn(VOCAB, 3, 24, generator=g) for _ in range(2)]
-        self.prefilled = 0  # tokens the forward computed
-
-    def key_at(self, layer: int, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        raw = self.raw_k[layer][tokens]
-        _, k = self.rope.forward_native(pos, torch.zeros_like(raw).flatten(1), raw.flatten(1))
-        return k.view_as(raw)
-
-    def forward(self, req) -> None:
-        """What prepare_for_extend + the model do for the round's extend range."""
-        s, e = extend_bounds(req)
-        prefix = prefix_slots(self.cache, req)
-        assert len(prefix) == s
-        idx = row(self.stack, req)
-        new = self.stack.alloc.alloc(e - s)
-        if new is None:  # as SGLang's alloc_for_extend: evict unlocked leaves, then allocate
-            self.cache.evict(EvictParams(num_tokens=e - s - self.stack.alloc.available_size()))
-            new = self.stack.alloc.alloc(e - s)
-        assert new is not None, "tests size their pools so a round always fits"
-        toks = torch.tensor(list(req.full_untruncated_fill_ids[s:e]))
-        pos = torch.arange(s, e)
-        for layer in range(2):
-            self.stack.pool.k_buffer[layer][new] = self.key_at(layer, toks, pos)
-            self.stack.pool.v_buffer[layer][new] = self.raw_v[layer][toks]
-        self.stack.req_to_token.write((idx, slice(0, e)), torch.cat([prefix, new]).to(torch.int32))
-        commit(req, e)
-        self.prefilled += e - s
-
-    def adder(self, chunk: int | None) -> PrefillAdder:
-        return PrefillAdder(1, self.cache, self.stack.alloc, ScheduleBatch(reqs=[]), 0.5,
-                            10_000, chunk)  # fmt: skip
-
-    def serve(self, req, chunk: int | None = 4096, abort_after: int | None = None,
-              squeeze: bool = False):  # fmt: skip
-        """Admission + chunked prefill rounds; returns the rounds' extend ranges. ``squeeze``:
-        another request takes every free slot while the first round is cached."""
-        rounds = []
-        req.init_next_round_input(self.cache)
-        adder = self.adder(chunk)
-        adder.add_one_req(req, has_chunked_req=False, truncation_align_size=None)
-        assert adder.can_run_list == [req]
-        chunked = adder.new_chunked_req is req
-        while True:
-            self.forward(req)
-            rounds.append(extend_bounds(req))
-            if not chunked:
-                break
-            grabbed = self.stack.alloc.alloc(self.stack.alloc.available_size()) if squeeze else None
-            stash(self.cache, req)  # SGLang's stash of its chunked request
-            if grabbed is not None:
-                self.stack.alloc.free(grabbed)
-                squeeze = False
-            if abort_after is not None and len(rounds) == abort_after:
-                # process_pending_chunked_abort: released without inserting
-                release(self.cache, self.stack, req, insert=False)
-                return rounds
-            req.init_next_round_input()
-            adder = self.adder(chunk)
-            chunked = adder.add_chunked_req(req) is req
-            assert adder.can_run_list == [req]
-        release(self.cache, self.stack, req)
-        return rounds
-
-    def kv_of(self, tokens: list[int]) -> torch.Tensor:
-        """The request's slots after it finished: in the approximate namespace if it used
-        approximate KV, else in the plain one."""
-        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
-        from sglang.srt.mem_cache.radix_cache import RadixKey
-
-        from leyline.server.sglang.cache import APPROX_SUFFIX, _arr
-
-        key = _arr(np.array(tokens))
-        found = [
-            slots(self.cache, self.cache.match_prefix(MatchPrefixParams(key=RadixKey(key, ns))))
-            for ns in (APPROX_SUFFIX, None)
-        ]
-        return max(found, key=len)
-
-    def assert_fresh_prefill_kv(self, tokens: list[int], tol: float = 1e-4) -> None:
-        slots = self.kv_of(tokens)
-        assert len(slots) == len(tokens)
-        toks, pos = torch.tensor(tokens), torch.arange(len(tokens))
-        for layer in range(2):
-            torch.testing.assert_close(
-                self.stack.pool.k_buffer[layer][slots], self.key_at(layer, toks, pos),
-                rtol=tol, atol=tol,  # NOTE: fp32 rounding of angles (1e-4: up to ~700 rad)
-            )  # fmt: skip
-            assert torch.equal(self.stack.pool.v_buffer[layer][slots], self.raw_v[layer][toks])
-
-    def assert_no_leak(self) -> None:
-        c = self.cache
-        assert c.protected_size() == 0
-        assert self.stack.alloc.available_size() + c.evictable_size() == self.stack.size
 
 
 def _toks(seed: int, n: int) -> list[int]:
