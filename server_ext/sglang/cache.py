@@ -326,7 +326,10 @@ class LeylineRadixCache(compat.Lifecycle, RadixCache):
         ns_ok = not payload.forgets or n_ns <= state.forget_start(n_plain)
         start = max(n_plain, n_ns if ns_ok else 0)
         planned = None
-        if self.binding is not None and len(tokens) and (len(tokens) > start or payload.directives):
+        # Edits are planned even when every token is cached (a retry): the plan says whether
+        # they were needed. A server-diff payload's edits are the session's diff, not directives.
+        edits = payload.directives or payload.server_diff
+        if self.binding is not None and len(tokens) and (len(tokens) > start or edits):
             planned = self._plan(state, tokens, start, ns)
         copies = planned is not None and planned.copies
         if copies and not ns_ok:

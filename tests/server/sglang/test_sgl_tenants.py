@@ -256,6 +256,7 @@ def test_an_aborted_request_records_no_session_version(how) -> None:
         assert info["directives"][0]["status"] == "not_needed"
     else:  # SGLang inserted all its KV when it released it as finished: found cached
         assert info["tokens"]["recomputed"] == 1
+        assert info["directives"][0]["status"] == "not_needed"
     w.cache.evict(EvictParams(num_tokens=10**6))
     w.assert_no_leak()
 
