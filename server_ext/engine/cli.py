@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from leyline._config import Environment
+from leyline.server.core.planner import RepairWindow
 from leyline.server.engine.config import EngineConfig
 
 _DEFAULTS = EngineConfig()
@@ -71,6 +72,22 @@ def parser() -> argparse.ArgumentParser:
         help="let requests that did not opt in to approximate reuse donate their content to "
         "content reuse (within their tenant)",
     )
+    rep = p.add_argument_group("REPAIR (docs/repair.md)")
+    rep.add_argument(
+        "--repair-window",
+        type=_window,
+        default=None,
+        metavar="TOKENS|PERCENT%",
+        help="the recompute window of REPAIR directives that give none: tokens (default "
+        f"{_DEFAULTS.repair_window.tokens}), or a share of the suffix such as 10%%",
+    )
+    rep.add_argument(
+        "--repair-window-cap",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="the most tokens a --repair-window given as a share may recompute",
+    )
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-sessions", type=int, default=_DEFAULTS.max_sessions)
     lim.add_argument(
@@ -113,6 +130,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _window(text: str) -> int | float:
+    """``--repair-window``: ``128`` (tokens) or ``10%`` (a share of the suffix, as 0.1)."""
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a token count or a percentage such as 10%, got {text!r}"
+        ) from None
+
+
+def _repair_window(args: argparse.Namespace) -> RepairWindow:
+    """REPAIR's default window from the two flags (ValueError: a bad combination)."""
+    size, cap = args.repair_window, args.repair_window_cap
+    if isinstance(size, float):
+        return RepairWindow(fraction=size, cap=cap)
+    if cap is not None:
+        raise ValueError("--repair-window-cap needs --repair-window given as a percentage")
+    return _DEFAULTS.repair_window if size is None else RepairWindow(tokens=size)
+
+
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
     keys = args.api_keys
     if keys is None:
@@ -132,6 +171,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         api_keys=tuple(keys),
         cache_block_tokens=args.cache_block_tokens,
         index_all_requests=args.index_all_requests == "on",
+        repair_window=_repair_window(args),
         max_sessions=args.max_sessions,
         max_sessions_per_tenant=args.max_sessions_per_tenant,
         max_session_ttl_s=args.max_session_ttl,

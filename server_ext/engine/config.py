@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from leyline.server.core.planner import DEFAULT_REPAIR, RepairWindow
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -17,7 +19,8 @@ class EngineConfig:
     key is its own tenant. ``cache_block_tokens`` is the granularity of prefix reuse and so of
     ``cached_tokens`` (1 = per token, an exact side channel within a tenant).
     ``index_all_requests`` lets requests that did not opt in to approximate reuse donate their
-    content to requests that did (same tenant only).
+    content to requests that did (same tenant only). ``repair_window`` is REPAIR's window for
+    directives that give none (docs/repair.md).
 
     Limits: ``max_sessions`` open sessions in all (``max_sessions_per_tenant`` each, ``None`` =
     no per-tenant cap), a session's TTL at most ``max_session_ttl_s``, ``max_queue`` requests
@@ -44,6 +47,7 @@ class EngineConfig:
     max_running: int = 8
     cache_block_tokens: int = 16
     index_all_requests: bool = False
+    repair_window: RepairWindow = DEFAULT_REPAIR
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -59,6 +59,7 @@ def build_engine(cfg: EngineConfig) -> Engine:
         max_running=cfg.max_running,
         cache_block_tokens=cfg.cache_block_tokens,
         index_all_requests=cfg.index_all_requests,
+        repair=cfg.repair_window,
     )
 
 

@@ -25,3 +25,13 @@ def test_serve_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
 def test_serve_rejects_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--port", "0"]) == 2
     assert "port" in capsys.readouterr().err
+
+
+def test_serve_rejects_bad_repair_windows(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--repair-window", "150%"]) == 2
+    assert "fraction" in capsys.readouterr().err
+    assert main(["serve", "--repair-window", "64", "--repair-window-cap", "8"]) == 2
+    assert "percentage" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--repair-window", "lots"])
+    assert "token count or a percentage" in capsys.readouterr().err

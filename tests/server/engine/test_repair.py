@@ -24,6 +24,7 @@ import leyline
 from leyline import Mode, Session
 from leyline.middleware import TruncateOlderThan
 from leyline.protocol import Payload
+from leyline.server.core.planner import DEFAULT_REPAIR, RepairWindow
 from leyline.server.core.rope import RopeSpec, rotate
 
 ATOL = 2e-5  # fp32: the pool's prefill vs the model's plain forward
@@ -241,3 +242,24 @@ def test_wrap_asks_for_repair(srv: RunningServer, how: str) -> None:
     # the truncated tool output is followed by its window, then the spliced rest
     assert 0 < (outcome.window_tokens or 0) <= 16 and acc.spliced == outcome.spliced_tokens > 100
     assert_no_leaks(srv.engine)
+
+
+def test_leyline_serve_sets_the_default_window() -> None:
+    """``leyline serve --repair-window`` is the window of repair directives that give none."""
+    from leyline.server.engine.cli import config_from_args, parser
+
+    cfg = config_from_args(
+        parser().parse_args(["--repair-window", "10%", "--repair-window-cap", "8"])
+    )
+    assert cfg.repair_window == RepairWindow(fraction=0.1, cap=8)
+    assert config_from_args(parser().parse_args([])).repair_window == DEFAULT_REPAIR
+    h = debug_history("cli")
+    edited = [dict(m) for m in h]
+    edited[3]["content"] = edited[3]["content"][:60] + "\n[... truncated]"
+    with running_server(repair_window=cfg.repair_window) as small:
+        session = Session("repair-cli")
+        _send(small, session, h)
+        ley = _send(small, session, edited, mode=Mode.REPAIR)["leyline"]
+    (outcome,) = ley["directives"]
+    assert outcome["status"] == "applied" and 0 < outcome["window_tokens"] <= 8
+    assert ley["tokens"]["spliced"] > 200
