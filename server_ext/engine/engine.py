@@ -416,6 +416,12 @@ class Engine:
         if self.block > 1:  # reuse whole blocks only: cached_tokens says no more than that
             keep = min(match.length, len(ids) - 1)
             keep -= keep % self.block
+            # ...except the prefix the session's own base shares with this prompt: the client
+            # sent it before, and cutting it would only get it copied back through the
+            # session's base (at shift 0) and reported approximate (demo: FORGET "spliced 10")
+            if req.base is not None:
+                own = _common_prefix(ids, req.base[0].tokens)
+                keep = max(keep, min(match.length, len(ids) - 1, own))
             if keep < match.length:
                 match = self.tree.match_prefix(ids[:keep], session=owner, tenant=tenant)
         req.match = match
@@ -604,3 +610,10 @@ def _phases(marks: dict[str, float], submitted: float, ttft_at: float | None) ->
 
 
 __all__ = ["Engine", "Finished", "SamplingParams", "UnknownSession", "Work"]
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n

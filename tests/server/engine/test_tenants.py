@@ -209,3 +209,26 @@ def test_sessions_per_tenant_are_capped() -> None:
         r = alice.post("/leyline/sessions/a3")
         assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_sessions"
         assert bob.post("/leyline/sessions/b1").status_code == 200  # Bob is not locked out
+
+
+@pytest.mark.parametrize("mode", ["amortize", "forget"])
+def test_whole_blocks_do_not_make_a_sessions_own_turns_approximate(
+    srv: RunningServer, mode: str
+) -> None:
+    """With the shipped block size, the tokens a session's previous version shares with its
+    next prompt (sent by the client before) stay an exact hit: no shift-0 copies reported as
+    spliced, no approximate KV inherited by the turns after (the demo's FORGET session showed
+    "spliced 10" on a plain appended turn)."""
+    h = _http(srv, KEYS[0])
+    doc = "".join(f"{mode} note {i}: item {i * 11} is due on day {i % 27}.\n" for i in range(40))
+    messages = [{"role": "user", "content": doc + "Summarize note 3."}]  # content of its own
+    for turn in range(3):
+        body = _chat(h, messages, leyline={"session": f"blocks-{mode}", "mode": mode})
+        tokens = body["leyline"]["tokens"]
+        assert tokens["spliced"] == tokens["inherited"] == tokens["chunk_reused"] == 0, tokens
+        assert body["leyline"]["exact_kv"] is True
+        if turn:
+            assert tokens["exact"] > body["usage"]["prompt_tokens"] - 40  # the appended turn
+        reply = body["choices"][0]["message"]["content"]
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "More."}]
+    assert_no_leaks(srv.engine)
