@@ -19,9 +19,15 @@ def local_server(
     content_reuse: bool = True,
     seed: int = 0,
     api_key: str | None = None,
+    cache_block_tokens: int = 1,
 ) -> Iterator[Any]:
     """A fresh engine (empty cache) behind HTTP on a free localhost port, stopped on exit;
     with ``api_key``, it requires that key (send it as the eval's own API key).
+
+    Prefix reuse is per token by default (``cache_block_tokens=1``): an eval is one trusted
+    client, and the baselines it stands for (SGLang's radix cache, page size 1) match per
+    token; ``leyline serve``'s 16-token blocks (docs/security.md) would charge every arm up to
+    15 tokens a request that those servers do not.
 
     Yields :class:`leyline.server.engine.server.InProcessServer` (``base_url``, ``engine``,
     ``model``).
@@ -42,6 +48,7 @@ def local_server(
         content_reuse=content_reuse,
         seed=seed,
         api_keys=(api_key,) if api_key else (),
+        cache_block_tokens=cache_block_tokens,
     )
     with serve_in_thread(cfg) as srv:
         yield srv
