@@ -35,6 +35,7 @@ import json
 import math
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,30 +243,36 @@ def _session_prompt(engine: Any, session_id: str) -> Any:
         return _session_cache(engine, session_id)[0]
 
 
-def _session_logits(engine: Any, session_id: str, greedy: Any) -> tuple[Any, Any]:
-    """Prompt ids of the session's cached sequence and the logits of its last prompt token and
-    ``greedy[:-1]`` computed over the session's cached KV (teacher forcing)."""
+@contextmanager
+def _over_session(engine: Any, session_id: str, fed: int) -> Iterator[tuple[Any, Any, Any]]:
+    """Under the engine lock: the session's cached prompt ids, a ``Generation`` over the KV of
+    all but its last prompt token, and ``fed`` scratch slots for the tokens fed from there on
+    (freed on exit, so the cache is left as it was)."""
     import numpy as np
     import torch
 
     from leyline.server.engine.forward import Generation
 
-    k = int(greedy.numel())
     with engine.lock:
         ids, slots = _session_cache(engine, session_id)
-        n = len(ids)
-        # scratch slots for the k fed tokens; freed below, so the cache is left as it was
-        scratch = _scratch(engine, k)
+        scratch = _scratch(engine, fed)
         try:
-            gen = Generation(
-                engine.loaded,
-                engine.store,
-                cached_slots=torch.from_numpy(np.ascontiguousarray(slots[: n - 1])),
-            )
-            feed = torch.cat([torch.from_numpy(ids[n - 1 :]), greedy[: k - 1].cpu()])
-            logits = gen.extend(feed, torch.arange(n - 1, n - 1 + k), torch.from_numpy(scratch))
+            cached = torch.from_numpy(np.ascontiguousarray(slots[: len(ids) - 1]))
+            yield ids, Generation(engine.loaded, engine.store, cached_slots=cached), scratch
         finally:
             engine.store.free(scratch)
+
+
+def _session_logits(engine: Any, session_id: str, greedy: Any) -> tuple[Any, Any]:
+    """Prompt ids of the session's cached sequence and the logits of its last prompt token and
+    ``greedy[:-1]`` computed over the session's cached KV (teacher forcing)."""
+    import torch
+
+    k = int(greedy.numel())
+    with _over_session(engine, session_id, k) as (ids, gen, scratch):
+        n = len(ids)
+        feed = torch.cat([torch.from_numpy(ids[n - 1 :]), greedy[: k - 1].cpu()])
+        logits = gen.extend(feed, torch.arange(n - 1, n - 1 + k), torch.from_numpy(scratch))
     return ids, logits.float()
 
 

@@ -195,32 +195,20 @@ def _serve(
 def _decode(engine: Any, session_id: str, n: int) -> tuple[Any, Any]:
     """Free-running greedy decoding of ``n`` tokens over the session's cached KV:
     ``(tokens (n,), fp32 logits (n, vocab))``; the cache is left as it was."""
-    import numpy as np
     import torch
 
-    from leyline.evals.consistency import _scratch, _session_cache
-    from leyline.server.engine.forward import Generation
+    from leyline.evals.consistency import _over_session
 
-    with engine.lock:
-        ids, slots = _session_cache(engine, session_id)
+    with _over_session(engine, session_id, n) as (ids, gen, scratch):
         m = len(ids)
-        scratch = _scratch(engine, n)
-        try:
-            gen = Generation(
-                engine.loaded,
-                engine.store,
-                cached_slots=torch.from_numpy(np.ascontiguousarray(slots[: m - 1])),
-            )
-            feed, rows, tokens = torch.from_numpy(ids[m - 1 :]), [], []
-            for step in range(n):
-                row = gen.extend(
-                    feed, torch.tensor([m - 1 + step]), torch.from_numpy(scratch[step : step + 1])
-                )[-1]
-                rows.append(row.float())
-                tokens.append(int(torch.argmax(row)))
-                feed = torch.tensor([tokens[-1]])
-        finally:
-            engine.store.free(scratch)
+        feed, rows, tokens = torch.from_numpy(ids[m - 1 :]), [], []
+        for step in range(n):
+            row = gen.extend(
+                feed, torch.tensor([m - 1 + step]), torch.from_numpy(scratch[step : step + 1])
+            )[-1]
+            rows.append(row.float())
+            tokens.append(int(torch.argmax(row)))
+            feed = torch.tensor([tokens[-1]])
     return torch.tensor(tokens, dtype=torch.int64), torch.stack(rows)
 
 
