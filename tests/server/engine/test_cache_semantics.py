@@ -17,7 +17,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from _engine_server import RunningServer, assert_no_leaks, running_server
+from _engine_server import RunningServer, assert_no_leaks, running_server, served_kv
 from _histories import debug_history
 
 from leyline import Session
@@ -50,16 +50,6 @@ class Agent:
         return r.model_dump()
 
 
-def _served_kv(srv: RunningServer, session: Session) -> tuple[np.ndarray, list[torch.Tensor]]:
-    eng = srv.engine
-    with eng.lock:
-        state = eng.sessions.get(session.id)
-        m = eng.tree.match_prefix(state.tokens, session=session.id)
-        assert m.length == len(state.tokens)
-        slots = torch.from_numpy(m.slots)
-        return state.tokens.copy(), [k[slots].clone() for k in eng.store.k]
-
-
 def test_append_turns_are_exact_hits(srv: RunningServer) -> None:
     agent = Agent(srv)
     h = debug_history("app")
@@ -76,7 +66,7 @@ def test_amortize_deletion_splices_the_suffix(srv: RunningServer) -> None:
     agent = Agent(srv)
     h = debug_history("amz")
     agent.send(h)
-    old_tokens, old_k = _served_kv(srv, agent.session)
+    old_tokens, old_k, _ = served_kv(srv.engine, agent.session.id)
     edited = h[:3] + h[5:]  # drop the first tool output and the reply after it
     r = agent.send(edited)
     t = r["leyline"]["tokens"]
@@ -85,7 +75,7 @@ def test_amortize_deletion_splices_the_suffix(srv: RunningServer) -> None:
     assert t["spliced"] > 200 and t["spliced"] == outcome["spliced_tokens"]
     assert t["recomputed"] <= 2  # nothing new: only the last prompt token (for its logits)
     # spliced KV == old KV with the rotary part rotated by the shift (analytic reference)
-    new_tokens, new_k = _served_kv(srv, agent.session)
+    new_tokens, new_k, _ = served_kv(srv.engine, agent.session.id)
     shift = len(old_tokens) - len(new_tokens)
     tail = t["spliced"]
     start_new = t["exact"]
@@ -139,7 +129,7 @@ def test_forget_equals_fresh_prefill(srv: RunningServer) -> None:
         )
     assert r["choices"][0]["message"]["content"] == ref.choices[0].message.content
     # and its KV equals the model's own forward over the edited prompt (fp32)
-    tokens, ks = _served_kv(srv, agent.session)
+    tokens, ks, _ = served_kv(srv.engine, agent.session.id)
     model = srv.engine.loaded.model
     with torch.no_grad():
         out = model(torch.from_numpy(tokens)[None], use_cache=True)

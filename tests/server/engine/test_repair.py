@@ -17,7 +17,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from _engine_server import RunningServer, assert_no_leaks, running_server
+from _engine_server import RunningServer, assert_no_leaks, running_server, served_kv
 from _histories import debug_history, tool_output
 
 import leyline
@@ -57,23 +57,6 @@ def _send(
     return r.model_dump()
 
 
-def _served_kv(
-    srv: RunningServer, session: Session
-) -> tuple[np.ndarray, list[torch.Tensor], list[torch.Tensor]]:
-    eng = srv.engine
-    with eng.lock:
-        state = eng.sessions.get(session.id)
-        m = eng.tree.match_prefix(state.tokens, session=session.id)
-        assert m.length == len(state.tokens)
-        slots = torch.from_numpy(m.slots)
-        assert eng.store.v is not None
-        return (
-            state.tokens.copy(),
-            [k[slots].clone() for k in eng.store.k],
-            [v[slots].clone() for v in eng.store.v],
-        )
-
-
 def _oracle_kv(srv: RunningServer, ids: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The model's own fresh prefill of ``ids``: per layer (K, V) as (tokens, heads, dim)."""
     model = srv.engine.loaded.model
@@ -98,7 +81,7 @@ def test_repair_window_is_exact_and_the_rest_is_spliced(srv: RunningServer, wind
     session = Session()
     h = debug_history(f"w{window}")
     _send(srv, session, h)
-    old_tokens, old_k, old_v = _served_kv(srv, session)
+    old_tokens, old_k, old_v = served_kv(srv.engine, session.id)
     edited = h[:3] + h[5:]  # drop the first tool output and the reply after it
     r = _send(srv, session, edited, mode=Mode.REPAIR, window=window)
     ley, t = r["leyline"], r["leyline"]["tokens"]
@@ -111,7 +94,7 @@ def test_repair_window_is_exact_and_the_rest_is_spliced(srv: RunningServer, wind
     assert t["exact"] + t["spliced"] + t["recomputed"] == r["usage"]["prompt_tokens"]
     assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == t["exact"] + t["spliced"]
 
-    new_tokens, new_k, new_v = _served_kv(srv, session)
+    new_tokens, new_k, new_v = served_kv(srv.engine, session.id)
     # the window sits right before the spliced run; the exact prefix, the edit point and the
     # window equal the model's own fresh prefill of exactly those tokens
     a = t["exact"] + t["repaired"]
@@ -146,7 +129,7 @@ def test_full_window_is_exact_like_forget(srv: RunningServer) -> None:
     ley, t = r["leyline"], r["leyline"]["tokens"]
     assert t["spliced"] == t["approximate"] == 0 and ley["exact_kv"] is True
     assert t["repaired"] > 300 and ley["directives"][0]["window_tokens"] == t["repaired"]
-    new_tokens, new_k, new_v = _served_kv(srv, session)
+    new_tokens, new_k, new_v = served_kv(srv.engine, session.id)
     n = r["usage"]["prompt_tokens"]
     for layer, (k, v) in enumerate(_oracle_kv(srv, new_tokens[:n])):
         torch.testing.assert_close(new_k[layer][:n], k, rtol=0, atol=ATOL)
