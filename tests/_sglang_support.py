@@ -128,6 +128,19 @@ def _stack(pool: Any, size: int, device: str) -> Stack:
     return Stack(pool, alloc, r2t, params, size)
 
 
+def apply_window_hooks() -> None:
+    """What a scheduler process has once the plugin loaded: SGLang's global server args, the
+    plugin's window hooks registered and applied by SGLang's own `HookRegistry`."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from leyline.server.sglang.windows import install_window_hooks
+
+    install_vllm_ops_stub()
+    set_server_args()
+    install_window_hooks()
+    HookRegistry.apply_hooks()
+
+
 def isolate_http_hooks(monkeypatch: pytest.MonkeyPatch) -> Any:
     """An empty SGLang `HookRegistry` for one test, with every target the plugin's HTTP hooks
     patch restored afterwards; returns the registry."""

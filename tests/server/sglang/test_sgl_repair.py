@@ -18,11 +18,10 @@ import pytest
 from _sglang_support import (
     WORLD_VOCAB,
     World,
-    install_vllm_ops_stub,
+    apply_window_hooks,
     make_req,
     prefix_slots,
     require_sglang,
-    set_server_args,
 )
 
 require_sglang()
@@ -35,22 +34,18 @@ from sglang.srt.entrypoints.openai.protocol import (  # noqa: E402
     PromptTokensDetails,
     UsageInfo,
 )
-from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
 from leyline._config import Environment  # noqa: E402
 from leyline.directives import MAX_WINDOW, Directive, Mode  # noqa: E402
 from leyline.protocol import Payload, ResponseInfo, TokenCounts  # noqa: E402
 from leyline.server.sglang import response  # noqa: E402
 from leyline.server.sglang.cache import LeylineCacheConfig  # noqa: E402
-from leyline.server.sglang.windows import WINDOW_ATTR, install_window_hooks  # noqa: E402
+from leyline.server.sglang.windows import WINDOW_ATTR  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _hooks() -> None:
-    install_vllm_ops_stub()
-    set_server_args()
-    install_window_hooks()
-    HookRegistry.apply_hooks()
+    apply_window_hooks()
 
 
 def _toks(seed: int, n: int) -> list[int]:

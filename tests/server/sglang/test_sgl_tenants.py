@@ -15,16 +15,15 @@ import json
 
 import pytest
 from _sglang_support import (
+    apply_window_hooks,
     commit,
     extend_bounds,
-    install_vllm_ops_stub,
     make_req,
     mha_stack,
     prefix_slots,
     release,
     require_sglang,
     row,
-    set_server_args,
     stash,
 )
 
@@ -35,7 +34,6 @@ import torch  # noqa: E402
 from sglang.srt.managers.schedule_batch import FINISH_ABORT, ScheduleBatch  # noqa: E402
 from sglang.srt.managers.schedule_policy import PrefillAdder  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams  # noqa: E402
-from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
 from leyline.server.sglang import compat  # noqa: E402
 from leyline.server.sglang.cache import (  # noqa: E402
@@ -45,17 +43,13 @@ from leyline.server.sglang.cache import (  # noqa: E402
 )
 from leyline.server.sglang.pool import PoolBinding  # noqa: E402
 from leyline.server.sglang.rotary import rope_spec_from_module  # noqa: E402
-from leyline.server.sglang.windows import install_window_hooks  # noqa: E402
 
 VOCAB = 3000
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _hooks() -> None:
-    install_vllm_ops_stub()
-    set_server_args()
-    install_window_hooks()
-    HookRegistry.apply_hooks()
+    apply_window_hooks()
 
 
 class World:

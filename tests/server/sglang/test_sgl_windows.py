@@ -21,8 +21,8 @@ import pytest
 from _sglang_support import (
     WORLD_VOCAB,
     World,
+    apply_window_hooks,
     extend_bounds,
-    install_vllm_ops_stub,
     make_req,
     prefix_slots,
     require_sglang,
@@ -34,24 +34,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sglang.srt.managers.schedule_policy import PrefillAdder  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams  # noqa: E402
-from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
 from leyline.directives import Directive, Mode  # noqa: E402
 from leyline.protocol import Payload, TokenCounts  # noqa: E402
 from leyline.server.sglang.cache import LeylineCacheConfig  # noqa: E402
-from leyline.server.sglang.windows import WINDOW_ATTR, install_window_hooks  # noqa: E402
+from leyline.server.sglang.windows import WINDOW_ATTR  # noqa: E402
 
 VOCAB = WORLD_VOCAB
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _hooks() -> None:
-    from _sglang_support import set_server_args
-
-    install_vllm_ops_stub()
-    set_server_args()
-    install_window_hooks()
-    HookRegistry.apply_hooks()
+    apply_window_hooks()
     assert PrefillAdder.add_one_req.__name__ == "add_one_req"
     assert hasattr(PrefillAdder.add_one_req, "__wrapped__")  # patched by the registry
 
