@@ -469,45 +469,55 @@ def _warm_up(base_url: str, model: str, cfg: ReplayConfig) -> None:
             http.delete(f"/leyline/sessions/{session.id}")
 
 
-def _kv_occupancy(http: httpx.Client) -> float | None:
-    """The server's KV pool occupancy now (used / capacity), or None if it does not say.
+_KV_PROBES = ("loads?include=core", "leyline/stats")  # SGLang's, then the embedded engine's
+
+
+def _kv_occupancy(http: httpx.Client, path: str) -> float | None:
+    """The server's KV pool occupancy now (used / capacity) from probe ``path``, or None if the
+    server does not answer it.
 
     SGLang: ``GET /v1/loads?include=core`` (``num_used_tokens / max_total_num_tokens``, summed
     over data-parallel ranks); the embedded engine: ``GET /v1/leyline/stats`` (``kv``).
     """
-    for path in ("loads?include=core", "leyline/stats"):
-        try:
-            r = http.get(path)
-            body = r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            continue
-        if isinstance(body, dict) and isinstance(body.get("loads"), list):
-            used = sum(int(x.get("num_used_tokens", 0)) for x in body["loads"])
-            cap = sum(int(x.get("max_total_num_tokens", 0)) for x in body["loads"])
-            return used / cap if cap else None
-        if isinstance(body, dict) and isinstance(body.get("kv"), dict):
-            kv = body["kv"]
-            cap = int(kv.get("capacity_tokens") or 0)
-            return int(kv.get("used_tokens") or 0) / cap if cap else None
+    try:
+        r = http.get(path)
+        body = r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    if isinstance(body, dict) and isinstance(body.get("loads"), list):
+        used = sum(int(x.get("num_used_tokens", 0)) for x in body["loads"])
+        cap = sum(int(x.get("max_total_num_tokens", 0)) for x in body["loads"])
+        return used / cap if cap else None
+    if isinstance(body, dict) and isinstance(body.get("kv"), dict):
+        kv = body["kv"]
+        cap = int(kv.get("capacity_tokens") or 0)
+        return int(kv.get("used_tokens") or 0) / cap if cap else None
     return None
 
 
 @contextmanager
 def _kv_sampler(base_url: str, cfg: ReplayConfig) -> Iterator[list[float]]:
-    """Sample the KV occupancy every ``cfg.sample_interval_s`` while the block runs."""
+    """Sample the KV occupancy every ``cfg.sample_interval_s`` while the block runs (through
+    the first probe of ``_KV_PROBES`` the server answers; none: no samples)."""
     samples: list[float] = []
     done = threading.Event()
     headers = {"Authorization": f"Bearer {cfg.api_key}"}
 
     def loop() -> None:
         with httpx.Client(base_url=base_url + "/", timeout=10, headers=headers) as http:
-            while not done.is_set():
-                value = _kv_occupancy(http)
-                if value is None and not samples:
-                    return  # the server does not report occupancy
+            path = None
+            for probe in _KV_PROBES:
+                first = _kv_occupancy(http, probe)
+                if first is not None:
+                    path = probe
+                    samples.append(first)
+                    break
+            if path is None:
+                return  # the server does not report occupancy
+            while not done.wait(cfg.sample_interval_s):
+                value = _kv_occupancy(http, path)
                 if value is not None:
                     samples.append(value)
-                done.wait(cfg.sample_interval_s)
 
     thread = threading.Thread(target=loop, name="leyline-kv-sampler", daemon=True)
     thread.start()
