@@ -317,15 +317,18 @@ def create_app(engine: Engine, cfg: EngineConfig) -> FastAPI:
             extra={"ttft_ms": round(done.ttft_s * 1000, 2), "timings_ms": done.timings_ms},
         ).to_wire()
 
-    def usage(done: Finished) -> dict[str, Any]:
+    def accounting(done: Finished) -> dict[str, Any]:
+        """A response's ``usage`` and, for a session, its ``leyline`` object (built once;
+        ``usage.leyline`` repeats it, see protocol.md)."""
         counts = {
             "prompt_tokens": done.prompt_tokens,
             "completion_tokens": len(done.token_ids),
             "total_tokens": done.prompt_tokens + len(done.token_ids),
         }
         if done.session is None:
-            return {**counts, "prompt_tokens_details": usage_details(done.tokens)}
-        return with_accounting(counts, leyline_obj(done))  # usage.leyline: see protocol.md
+            return {"usage": {**counts, "prompt_tokens_details": usage_details(done.tokens)}}
+        info = leyline_obj(done)
+        return {"usage": with_accounting(counts, info), PAYLOAD_KEY: info}
 
     @app.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest), responses=_ERRORS)
     async def chat(request: Request) -> Response:
@@ -350,8 +353,8 @@ def create_app(engine: Engine, cfg: EngineConfig) -> FastAPI:
                 "choices": [
                     {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
                 ],
-                "usage": usage(done),
-                "leyline": leyline_obj(done) if done.session is not None else None,
+                PAYLOAD_KEY: None,
+                **accounting(done),
             }
         )
 
@@ -416,10 +419,7 @@ def create_app(engine: Engine, cfg: EngineConfig) -> FastAPI:
             except APIError as exc:
                 yield error(exc)
                 return
-            extra: dict[str, Any] = {"usage": usage(done)}
-            if done.session is not None:
-                extra[PAYLOAD_KEY] = leyline_obj(done)
-            yield chunk({}, done.finish_reason, **extra)
+            yield chunk({}, done.finish_reason, **accounting(done))
             yield b"data: [DONE]\n\n"
         except Exception:  # a bug: the client gets an error event, the log the traceback
             ref = uuid.uuid4().hex[:12]
@@ -480,7 +480,7 @@ def create_app(engine: Engine, cfg: EngineConfig) -> FastAPI:
                         "logprobs": None,
                     }
                 ],
-                "usage": usage(done),
+                **accounting(done),
             }
         )
 
