@@ -31,7 +31,14 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-__all__ = ["Alignment", "TokenEdit", "align_edits", "edit_regions", "moved_spans"]
+__all__ = [
+    "Alignment",
+    "TokenEdit",
+    "align_edits",
+    "common_prefix_len",
+    "edit_regions",
+    "moved_spans",
+]
 
 _STRICTNESS = ("amortize", "repair", "forget")  # merged edits take the strictest mode
 _MAX_RUNS = 256  # the chain search is O(runs^2) in Python: beyond this, the longest runs
@@ -138,7 +145,12 @@ def _chain(runs: np.ndarray) -> list[tuple[int, int, int]]:
     return out
 
 
-def _common_len(x: np.ndarray, y: np.ndarray) -> int:
+def common_prefix_len(x: np.ndarray, y: np.ndarray) -> int:
+    """How many leading tokens ``x`` and ``y`` share.
+
+    >>> common_prefix_len(np.array([1, 2, 3]), np.array([1, 2, 4, 5]))
+    2
+    """
     m = min(len(x), len(y))
     neq = np.flatnonzero(x[:m] != y[:m])
     return int(neq[0]) if len(neq) else m
@@ -146,8 +158,8 @@ def _common_len(x: np.ndarray, y: np.ndarray) -> int:
 
 def _matching_blocks(a: np.ndarray, b: np.ndarray, k: int) -> list[tuple[int, int, int]]:
     """Equal blocks ``(i, j, size)``, increasing and disjoint, each extended exactly."""
-    head = _common_len(a, b)
-    tail = _common_len(a[head:][::-1], b[head:][::-1])
+    head = common_prefix_len(a, b)
+    tail = common_prefix_len(a[head:][::-1], b[head:][::-1])
     ma, mb = a[head : len(a) - tail], b[head : len(b) - tail]
     out = [(0, 0, head)]
     runs = _chain(_anchor_runs(ma, mb, k)) if min(len(ma), len(mb)) >= k else []
@@ -157,8 +169,8 @@ def _matching_blocks(a: np.ndarray, b: np.ndarray, k: int) -> list[tuple[int, in
             continue  # NOTE: a 64-bit hash collision; dropping the run only widens an edit
         ni, nj = runs[n + 1][:2] if n + 1 < len(runs) else (len(ma), len(mb))
         ni, nj = max(ni, i + s), max(nj, j + s)
-        left = _common_len(ma[pi:i][::-1], mb[pj:j][::-1])
-        right = _common_len(ma[i + s : ni], mb[j + s : nj])
+        left = common_prefix_len(ma[pi:i][::-1], mb[pj:j][::-1])
+        right = common_prefix_len(ma[i + s : ni], mb[j + s : nj])
         i, j, s = i - left, j - left, s + left + right
         out.append((head + i, head + j, s))
         pi, pj = i + s, j + s

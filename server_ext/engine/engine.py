@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from leyline.errors import DirectiveError
+from leyline.server.core.align import common_prefix_len
 from leyline.server.core.chunking import chunk_spans
 from leyline.server.core.index import ContentIndex
 from leyline.server.core.kernels.splice import kv_pointers
@@ -420,7 +421,7 @@ class Engine:
             # sent it before, and cutting it would only get it copied back through the
             # session's base (at shift 0) and reported approximate (demo: FORGET "spliced 10")
             if req.base is not None:
-                own = _common_prefix(ids, req.base[0].tokens)
+                own = common_prefix_len(ids, req.base[0].tokens)
                 keep = max(keep, min(match.length, len(ids) - 1, own))
             if keep < match.length:
                 match = self.tree.match_prefix(ids[:keep], session=owner, tenant=tenant)
@@ -610,10 +611,3 @@ def _phases(marks: dict[str, float], submitted: float, ttft_at: float | None) ->
 
 
 __all__ = ["Engine", "Finished", "SamplingParams", "UnknownSession", "Work"]
-
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if len(differ) else n

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from leyline.server.core.align import common_prefix_len
 from leyline.server.engine.store import KVStore
 
 __all__ = ["Match", "Node", "RadixTree"]
@@ -170,7 +171,7 @@ class RadixTree:
             child = node.children.get((int(toks[pos]), tenant, owner))
             if child is None:
                 break
-            k = _common_len(child.tokens, toks[pos:end])
+            k = common_prefix_len(child.tokens, toks[pos:end])
             path.append((child, k))
             pos += k
             if k < len(child.tokens):
@@ -273,7 +274,7 @@ class RadixTree:
                 self._held[leaf.slots] = True
                 self._evictable += end - pos
                 return leaf
-            k = _common_len(child.tokens, toks[pos:end])
+            k = common_prefix_len(child.tokens, toks[pos:end])
             if k < len(child.tokens):
                 child = self._split(child, k)
             mine = sl[pos : pos + k]
@@ -448,9 +449,3 @@ def _as_ids(x: np.ndarray, name: str) -> np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
     return arr.astype(np.int64, copy=False)
-
-
-def _common_len(a: np.ndarray, b: np.ndarray) -> int:
-    m = min(len(a), len(b))
-    diff = np.flatnonzero(a[:m] != b[:m])
-    return int(diff[0]) if diff.size else m
