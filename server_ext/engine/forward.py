@@ -21,7 +21,10 @@ The attention mask is causal over cache order: the gathered tokens come first, i
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -139,13 +142,19 @@ def cache_argument(model: torch.nn.Module) -> str:
     swallowed by ``**kwargs``: the model then builds a cache of its own and the engine's stays
     empty, so the name must be the one this version reads.
     """
-    params = inspect.signature(model.forward).parameters
+    return _cache_argument_of(type(model).forward)
+
+
+@functools.cache
+def _cache_argument_of(forward: Callable[..., Any]) -> str:
+    # once per model class's forward: a Generation is made per request
+    params = inspect.signature(forward).parameters
     if "cache" in params:
         return "cache"
     if "past_key_values" in params:
         return "past_key_values"
     raise RuntimeError(
-        f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`; "
+        f"{forward.__qualname__} takes neither `cache` nor `past_key_values`; "
         "this transformers version is not supported"
     )
 
